@@ -1,0 +1,31 @@
+# Two commands: `make demo` and `make test`. Each creates .venv and installs what it needs.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: test demo lint bench install clean
+
+install: $(STAMP)
+
+# Reinstall when the dependency list changes. pip (not uv/poetry) so the machine's local wheels are seen.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/selva demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check selva preprocessing pipelines training tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/model_step.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

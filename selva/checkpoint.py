@@ -1,0 +1,111 @@
+"""Strict, safe loading of weights with the official key names, and our own checkpoints.
+
+Released checkpoints are data, never code: files are read with ``torch.load(weights_only=True)`` or
+safetensors. Loading is strict: a missing, unexpected or misshaped key fails with a message that
+names the key and the file, so a user who points at the wrong checkpoint learns which and why.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    """A weight file does not match the module it is loaded into."""
+
+
+def _limited(names: Iterable[str], limit: int = 8) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def read_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a torch file, never executing pickled code.
+
+    ``key`` selects a nested dict inside a torch checkpoint (for example ``"generator"`` in BigVGAN's
+    ``best_netG.pt`` or ``"weights"`` in our own training checkpoints).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weight file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - re-raised with the file name
+            raise CheckpointError(f"{path}: cannot be read as a weights-only torch file: {err}") from err
+    if key is not None:
+        if not isinstance(state, Mapping) or key not in state:
+            raise CheckpointError(f"{path}: no entry {key!r} in the checkpoint")
+        state = state[key]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a flat mapping of names to tensors")
+    return dict(state)
+
+
+def load_strict(
+    module: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    source: str,
+    *,
+    ignore_unexpected: Iterable[str] = (),
+) -> None:
+    """Load ``state_dict`` into ``module``; every persistent key must be present with its shape.
+
+    ``source`` names where the weights came from (a file path, or a description) and appears in
+    every error. ``ignore_unexpected`` lists key prefixes that may be present and are dropped
+    (for example non-persistent buffers that some official checkpoints carry).
+    """
+    expected = module.state_dict()
+    ignore = tuple(ignore_unexpected)
+    given = {k: v for k, v in state_dict.items() if not (ignore and k.startswith(ignore))}
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    misshaped = [
+        f"{k}: file has {tuple(given[k].shape)}, model expects {tuple(expected[k].shape)}"
+        for k in expected
+        if k in given and tuple(given[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_limited(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_limited(unexpected)}")
+    if misshaped:
+        problems.append("misshaped keys: " + "; ".join(misshaped[:8]))
+    if problems:
+        raise CheckpointError(
+            f"{source} does not match {type(module).__name__}: " + " | ".join(problems)
+        )
+    with torch.no_grad():
+        for name, tensor in module.state_dict(keep_vars=True).items():
+            value = given[name]
+            if value.dtype != tensor.dtype and tensor.dtype.is_floating_point:
+                value = value.to(tensor.dtype)
+            tensor.copy_(value)
+
+
+def save_weights(module: nn.Module, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+    """Save our own weights as safetensors, atomically (temporary name, then rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    save_file(state, str(tmp), metadata=dict(metadata or {}))
+    os.replace(tmp, path)
+
+
+def load_weights(module: nn.Module, path: str | os.PathLike) -> None:
+    """Load weights saved by :func:`save_weights` (or any file with the official key names)."""
+    load_strict(module, read_state_dict(path), str(path))

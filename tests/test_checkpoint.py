@@ -1,0 +1,80 @@
+"""Strict loading with clear errors, safe reading, and our own checkpoints round-tripping."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from selva.checkpoint import CheckpointError, load_strict, load_weights, read_state_dict, save_weights
+from selva.presets import TINY
+
+
+def test_own_checkpoint_round_trips_bit_exactly(tmp_path):
+    torch.manual_seed(0)
+    gen = TINY.build_generator()
+    with torch.no_grad():
+        for p in gen.parameters():
+            p.add_(torch.randn_like(p))
+    path = tmp_path / "gen.safetensors"
+    save_weights(gen, path, {"preset": "tiny"})
+    assert not (tmp_path / "gen.safetensors.tmp").exists()
+    other = TINY.build_generator()
+    load_weights(other, path)
+    for (name, a), (_, b) in zip(gen.state_dict().items(), other.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_missing_unexpected_and_misshaped_keys_are_named_with_the_file(tmp_path):
+    gen = TINY.build_generator()
+    state = dict(gen.state_dict())
+    path = tmp_path / "broken.safetensors"
+
+    missing = dict(state)
+    del missing["final_layer.conv.bias"]
+    with pytest.raises(CheckpointError, match=r"broken\.safetensors.*missing keys: final_layer\.conv\.bias"):
+        load_strict(gen, missing, str(path))
+
+    extra = dict(state, **{"joint_blocks.9.bogus": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match=r"unexpected keys: joint_blocks\.9\.bogus"):
+        load_strict(gen, extra, str(path))
+
+    bad = dict(state, sync_pos_emb=torch.zeros(1, 1, 4, 64))
+    with pytest.raises(CheckpointError, match=r"sync_pos_emb: file has \(1, 1, 4, 64\), model expects \(1, 1, 8, 64\)"):
+        load_strict(gen, bad, str(path))
+
+
+def test_a_failed_load_leaves_the_module_untouched():
+    gen = TINY.build_generator()
+    before = {k: v.clone() for k, v in gen.state_dict().items()}
+    state = {k: torch.ones_like(v) for k, v in gen.state_dict().items()}
+    del state["empty_clip_feat"]
+    with pytest.raises(CheckpointError):
+        load_strict(gen, state, "test")
+    assert all(torch.equal(before[k], v) for k, v in gen.state_dict().items())
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def test_pickled_code_in_a_torch_file_is_refused_not_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as fh:
+        pickle.dump({"weight": _Exploit()}, fh)
+    with pytest.raises(CheckpointError, match="evil.pth"):
+        read_state_dict(path)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_nested_checkpoint_key_and_missing_file(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"generator": {"w": torch.ones(2)}}, path)
+    assert torch.equal(read_state_dict(path, key="generator")["w"], torch.ones(2))
+    with pytest.raises(CheckpointError, match="no entry 'ema'"):
+        read_state_dict(path, key="ema")
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        read_state_dict(tmp_path / "nowhere.pt")

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from selva.cli import build_parser, main
+
+
+def _subcommands():
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return sorted(action.choices)
+
+
+def test_console_script_help_lists_subcommands():
+    out = subprocess.run([sys.executable, "-m", "selva.cli", "--help"], capture_output=True, text=True, check=True)
+    for name in _subcommands():
+        assert name in out.stdout
+
+
+@pytest.mark.parametrize("name", _subcommands())
+def test_every_subcommand_has_help(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: selva " + name in capsys.readouterr().out
+
+
+def test_no_subcommand_prints_help_and_fails(capsys):
+    assert main([]) == 2
+    assert "COMMAND" in capsys.readouterr().out
+
+
+def test_presets_lists_official_sizes(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "small_16k" in out and "157.28" in out and "134.84" in out

@@ -1,0 +1,37 @@
+"""The official reference vectors, run through the CLI exactly as a user would."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from selva.cli import main
+from selva.presets import SMALL_16K
+
+MODEL_COMPONENTS = "textsynch,generator,sampler,sequence_config"
+
+
+def test_check_reference_model_components_pass(reference_dir, capsys):
+    code = main(["check-reference", str(reference_dir), "--only", MODEL_COMPONENTS])
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith(("PASS", "FAIL", "ERROR"))]
+    cases = json.loads((reference_dir / "cases.json").read_text())["cases"]
+    wanted = sum(len(c["outputs"]) for c in cases if c["component"] in MODEL_COMPONENTS.split(","))
+    assert code == 0, out
+    assert len(lines) == wanted and all(line.startswith("PASS") for line in lines), out
+
+
+@pytest.mark.parametrize(
+    ("build", "manifest"),
+    [(SMALL_16K.build_textsynch, "textsynch_depth1_sup5"), (SMALL_16K.build_generator, "generator_small_16k")],
+)
+def test_small_16k_state_dict_is_the_official_manifest(reference_dir, build, manifest):
+    entries = json.loads((reference_dir / f"{manifest}.keys.json").read_text())
+    official = {name: tuple(shape) for name, shape, _dtype, _kind in entries}
+    module = build()
+    ours = {name: tuple(t.shape) for name, t in module.state_dict().items()}
+    assert ours == official
+    # parameters vs buffers as in the official module (latent_mean/std are frozen *parameters*)
+    params = {name for name, _ in module.named_parameters()}
+    assert params == {name for name, _s, _d, kind in entries if kind == "parameter"}

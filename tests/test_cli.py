@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from selva.cli import build_parser, main
+from selva_cli.main import build_parser, main
 
 
 def _subcommands():
@@ -15,7 +15,7 @@ def _subcommands():
 
 
 def test_console_script_help_lists_subcommands():
-    out = subprocess.run([sys.executable, "-m", "selva.cli", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "selva_cli.main", "--help"], capture_output=True, text=True, check=True)
     for name in _subcommands():
         assert name in out.stdout
 

@@ -6,20 +6,22 @@ import json
 
 import pytest
 
-from selva.cli import main
 from selva.presets import SMALL_16K
+from selva_cli.main import main
 
-MODEL_COMPONENTS = "textsynch,generator,sampler,sequence_config"
 
-
-def test_check_reference_model_components_pass(reference_dir, capsys):
-    code = main(["check-reference", str(reference_dir), "--only", MODEL_COMPONENTS])
+def test_check_reference_passes_every_vector(reference_dir, capsys):
+    """Video encoder, generator, sampler, sequence lengths, mel, VAE and vocoder: every output."""
+    code = main(["check-reference", str(reference_dir)])
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith(("PASS", "FAIL", "ERROR"))]
     cases = json.loads((reference_dir / "cases.json").read_text())["cases"]
-    wanted = sum(len(c["outputs"]) for c in cases if c["component"] in MODEL_COMPONENTS.split(","))
+    assert {c["component"] for c in cases} == {
+        "textsynch", "generator", "sampler", "sequence_config", "mel", "vae", "vocoder"
+    }
     assert code == 0, out
-    assert len(lines) == wanted and all(line.startswith("PASS") for line in lines), out
+    assert len(lines) == sum(len(c["outputs"]) for c in cases), out
+    assert all(line.startswith("PASS") for line in lines), out
 
 
 @pytest.mark.parametrize(

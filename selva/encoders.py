@@ -1,0 +1,75 @@
+"""The frozen encoders of a preset, by family: audio codec + T5-slot and CLIP-slot text encoders.
+
+- ``embedded``: no downloads. Codec = normalised log-mel with ``latent_dim`` bands + Griffin-Lim;
+  text = the packaged MiniLM with fixed projections. Works with every preset.
+- ``official``: MMAudio's mel + VAE + BigVGAN and FLAN-T5 / CLIP-H, from ``--weights DIR``
+  (:mod:`selva.weights`). Every file is checked before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from selva.audio.bigvgan import load_bigvgan
+from selva.audio.codec import AudioCodec, EmbeddedCodec, OfficialCodec
+from selva.audio.embedded_codec import EmbeddedCodecConfig
+from selva.audio.mel import get_mel_converter
+from selva.audio.vae import load_vae
+from selva.presets import ModelPreset
+from selva.text import TextEncoder, build_text_encoders
+from selva.weights import require
+
+ENCODER_FAMILIES = ("embedded", "official")
+OFFICIAL_LATENT_DIM = 20
+
+
+@dataclass
+class FrozenEncoders:
+    kind: str
+    codec: AudioCodec
+    t5: TextEncoder
+    clip: TextEncoder
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in ENCODER_FAMILIES:
+        raise ValueError(f"unknown encoder family {kind!r}; choose one of {', '.join(ENCODER_FAMILIES)}")
+
+
+def _check_official_preset(preset: ModelPreset) -> None:
+    latent_dim = preset.generator.latent_dim
+    if latent_dim != OFFICIAL_LATENT_DIM:
+        raise ValueError(
+            f"preset {preset.name} has {latent_dim}-channel latents, but the official VAE makes "
+            f"{OFFICIAL_LATENT_DIM}; use --encoders embedded with it, or the small_16k preset"
+        )
+
+
+def build_codec(
+    kind: str, preset: ModelPreset, weights_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu"
+) -> AudioCodec:
+    _check_kind(kind)
+    latent_dim = preset.generator.latent_dim
+    if kind == "embedded":
+        return EmbeddedCodec(EmbeddedCodecConfig(num_mels=latent_dim)).to(device)
+    _check_official_preset(preset)
+    paths = require(weights_dir, ["vae", "vocoder"])
+    vae = load_vae(paths["vae"], device=device)
+    vocoder = load_bigvgan(paths["vocoder"], device=device)
+    return OfficialCodec(get_mel_converter("16k").to(device), vae, vocoder)
+
+
+def build_encoders(
+    kind: str, preset: ModelPreset, weights_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu"
+) -> FrozenEncoders:
+    """All frozen encoders of ``kind``; official files are all checked before the first one loads."""
+    _check_kind(kind)
+    if kind == "official":
+        _check_official_preset(preset)
+        require(weights_dir, ["vae", "vocoder", "flan_t5", "clip"])
+    codec = build_codec(kind, preset, weights_dir, device)
+    t5, clip = build_text_encoders(kind, preset, weights_dir, device=device)
+    return FrozenEncoders(kind, codec, t5, clip)

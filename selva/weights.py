@@ -1,0 +1,124 @@
+"""Where official weights live, and loading them into our modules.
+
+One folder (``--weights DIR``) mirrors the official SELVA/MMAudio release layout, so a user can point
+at the folder they already downloaded. Names are the release's own:
+
+```
+DIR/
+  weights/generator_small_16k_sup_5.pth     SELVA generator (stage-2 result; used by generation)
+  weights/video_enc_sup_5.pth               SELVA TextSynch video encoder, 5 [SUP] tokens
+  weights/mmaudio_small_16k.pth             MMAudio small 16 kHz generator (stage-2 init, stage-1 frozen)
+  ext_weights/v1-16.pth                     MMAudio 16 kHz mel VAE
+  ext_weights/best_netG.pt                  BigVGAN 16 kHz vocoder
+  ext_weights/synchformer_state_dict.pth    Synchformer (MotionFormer backbone that initialises TextSynch)
+  flan-t5-base/                             transformers folder of google/flan-t5-base
+  clip-vit-h-14-384/                        open_clip files of apple/DFN5B-CLIP-ViT-H-14-384
+```
+
+Jobs call :func:`require` with the roles they need *before* any work starts, and get one error that
+lists every missing file and where it belongs. Nothing here downloads: weights are data on disk.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from selva.checkpoint import load_strict, read_state_dict
+from selva.generator import Generator
+from selva.presets import ModelPreset
+from selva.text.clip import find_clip_weights
+from selva.text.t5 import check_t5_folder
+from selva.textsynch import TextSynch
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    path: str  # relative to the weights folder
+    what: str
+
+
+OFFICIAL_FILES: dict[str, WeightFile] = {
+    "selva_generator": WeightFile("weights/generator_small_16k_sup_5.pth", "SELVA generator (small 16 kHz)"),
+    "textsynch": WeightFile("weights/video_enc_sup_5.pth", "SELVA TextSynch video encoder (5 [SUP] tokens)"),
+    "mmaudio_generator": WeightFile("weights/mmaudio_small_16k.pth", "MMAudio small 16 kHz generator"),
+    "vae": WeightFile("ext_weights/v1-16.pth", "MMAudio 16 kHz mel VAE"),
+    "vocoder": WeightFile("ext_weights/best_netG.pt", "BigVGAN 16 kHz vocoder"),
+    "synchformer": WeightFile("ext_weights/synchformer_state_dict.pth", "Synchformer (MotionFormer backbone)"),
+    "flan_t5": WeightFile("flan-t5-base", "FLAN-T5-base transformers folder"),
+    "clip": WeightFile("clip-vit-h-14-384", "DFN5B CLIP ViT-H-14-384 open_clip folder"),
+}
+
+# what each job needs
+PRECOMPUTE_ROLES = ("vae", "vocoder", "flan_t5", "clip")
+GENERATE_ROLES = ("selva_generator", "textsynch", "vae", "vocoder", "flan_t5", "clip")
+
+
+class MissingWeightsError(FileNotFoundError):
+    pass
+
+
+def require(weights_dir: str | os.PathLike | None, roles: tuple[str, ...] | list[str]) -> dict[str, Path]:
+    """Paths of ``roles`` under ``weights_dir``; raises one error naming every missing file."""
+    unknown = [r for r in roles if r not in OFFICIAL_FILES]
+    if unknown:
+        raise ValueError(f"unknown weight roles {unknown}; known: {', '.join(OFFICIAL_FILES)}")
+    if weights_dir is None:
+        raise MissingWeightsError(
+            "official encoders need --weights DIR (the folder laid out as in docs/weights.md); "
+            "use --encoders embedded to run without downloaded weights"
+        )
+    root = Path(weights_dir)
+    paths = {role: root / OFFICIAL_FILES[role].path for role in roles}
+    problems = []
+    for role, path in paths.items():
+        where = f"{OFFICIAL_FILES[role].what}; expected at DIR/{OFFICIAL_FILES[role].path}"
+        if not path.exists():
+            problems.append(f"  {path} is missing ({where})")
+            continue
+        # the text folders must also hold the right files; checked without loading anything
+        checks = {"flan_t5": check_t5_folder, "clip": find_clip_weights}
+        if role in checks:
+            try:
+                checks[role](path)
+            except FileNotFoundError as err:
+                problems.append(f"  {err}")
+    if problems:
+        raise MissingWeightsError(f"official weights under {root} are incomplete:\n" + "\n".join(problems))
+    return paths
+
+
+# Non-persistent buffers that some official generator checkpoints still carry; the official loader
+# deletes them before loading, and so do we.
+_GENERATOR_DERIVED = ("latent_rot", "clip_rot", "t_embed.freqs")
+# TextSynch.load_state_dict in the release keeps only these prefixes and drops the rest.
+_TEXTSYNCH_PREFIXES = (
+    "vfeat_extractor.", "text_proj.", "synch_text_cross_blocks.", "sup_text_feat", "empty_string_feat"
+)
+
+
+def load_generator(path: str | os.PathLike, preset: ModelPreset) -> Generator:
+    state = {k: v for k, v in read_state_dict(path).items() if k not in _GENERATOR_DERIVED}
+    generator = preset.build_generator()
+    load_strict(generator, state, str(path))
+    return generator
+
+
+def load_textsynch(path: str | os.PathLike, preset: ModelPreset) -> tuple[TextSynch, list[str]]:
+    """Load SELVA's TextSynch; returns the module and the checkpoint keys dropped (as the release does)."""
+    state = read_state_dict(path)
+    kept = {k: v for k, v in state.items() if k.startswith(_TEXTSYNCH_PREFIXES)}
+    textsynch = preset.build_textsynch()
+    load_strict(textsynch, kept, str(path))
+    return textsynch, sorted(set(state) - set(kept))
+
+
+def load_synchformer_backbone(textsynch: TextSynch, path: str | os.PathLike) -> None:
+    """Initialise TextSynch's MotionFormer from Synchformer's ``vfeat_extractor.*`` weights (stage 1 start)."""
+    prefix = "vfeat_extractor."
+    state = read_state_dict(path)
+    backbone = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not backbone:
+        raise ValueError(f"{path}: no '{prefix}*' keys; is this Synchformer's state dict?")
+    load_strict(textsynch.vfeat_extractor, backbone, f"{path} ({prefix}*)")

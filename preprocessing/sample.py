@@ -5,7 +5,7 @@ Tar members of a sample (WebDataset naming ``<key>.<field>``):
 
 | member | content |
 |---|---|
-| ``json`` | ids, text, timings (``SampleMeta``) |
+| ``json`` | ids and text (``SampleMeta``); no wall-clock values, so reruns give identical bytes |
 | ``sync.mp4`` | the 25 fps clip at the preset's frame size, H.264 |
 | ``audio.flac`` | 16 kHz mono waveform (peak-normalised for training) |
 | ``latent_mean.npy``, ``latent_std.npy`` | codec posterior, (N, latent_dim) float32 |
@@ -32,6 +32,9 @@ ARRAY_FIELDS: dict[str, np.dtype] = {
     "clip_text": np.dtype(np.float16),
 }
 OPTIONAL_ARRAY_FIELDS: dict[str, np.dtype] = {"sync_feat": np.dtype(np.float16)}
+# Fields whose first axis varies per sample (prompt length); every other shape is fixed per shard.
+# The loader pads these per batch and builds the mask from their lengths.
+VARIABLE_LENGTH_FIELDS = frozenset({"t5", "t5_mask"})
 MEDIA_FIELDS = ("sync.mp4", "audio.flac")
 
 
@@ -44,7 +47,6 @@ class SampleMeta:
     duration: float
     split: str
     shard: str
-    timings: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:

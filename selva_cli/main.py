@@ -79,6 +79,13 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_optional(subparsers: Any, module: str) -> None:
+    """Register a job's subcommand; its module imports its heavy dependencies lazily."""
+    import importlib
+
+    importlib.import_module(module).add_parser(subparsers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from selva import __version__
     from selva.reference import check
@@ -90,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"selva {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     check.add_parser(subparsers)
+    _add_optional(subparsers, "preprocessing.inspect_cli")
+    _add_optional(subparsers, "pipelines.precompute_cli")
     _add_presets(subparsers)
     _add_demo(subparsers)
     return parser

@@ -1,0 +1,93 @@
+"""``selva precompute``: argument parsing, the final report, optional MLflow logging."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipelines.precompute import PrecomputeConfig, PrecomputeError, PrecomputeReport, as_params, config_from_args
+
+DESCRIPTION = """\
+Decode every clip of an input table once, run the frozen encoders, and write WebDataset shards.
+
+On a laptop this starts a private local Ray with --workers CPUs. With RAY_ADDRESS set (or under
+`ray job submit`) the same command runs on a Ray cluster. Rerunning the same command resumes: only
+shards without a done-marker are written. Bad clips are recorded in failures/*.parquet with a
+reason and never stop the job; a shard whose failure share exceeds --max-failed-fraction does.
+"""
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "precompute", help="clips -> WebDataset shards with frozen-encoder features (Ray)",
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--input", required=True, help="TSV/CSV/Parquet with id and label|caption (VGGSound lists as-is)")
+    p.add_argument("--media-root", dest="media_root", help="folder of <id>.mp4 files (default: the table's folder)")
+    p.add_argument("--out", required=True, help="dataset folder to create or resume")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small_16k"], help="model preset (default tiny)")
+    p.add_argument("--encoders", default="embedded", choices=["embedded", "official"],
+                   help="frozen encoder family (default embedded: no downloads)")
+    p.add_argument("--weights", help="official weights folder (docs/weights.md); needed with --encoders official")
+    p.add_argument("--samples-per-shard", dest="samples_per_shard", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="Ray actors, one CPU each (default 2)")
+    p.add_argument("--gpus-per-worker", dest="gpus_per_worker", type=float, default=0.0,
+                   help="GPUs per actor on a GPU cluster, e.g. 1 or 0.5 (default 0: CPU)")
+    p.add_argument("--retry-failed", dest="retry_failed", action="store_true",
+                   help="re-attempt only the clips recorded as failed, keeping every written sample")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shard assignment")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="encoder batch size")
+    p.add_argument("--max-failed-fraction", dest="max_failed_fraction", type=float, default=0.5,
+                   help="a shard with a larger share of failed clips stops the job (default 0.5)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--mlflow", action="store_true",
+                   help="log the run to MLflow (MLFLOW_TRACKING_URI, else sqlite in the dataset folder)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if cfg.encoders == "official":
+        from selva.weights import PRECOMPUTE_ROLES, MissingWeightsError, require
+
+        try:  # before any work: a missing file is named now, not after an hour of decoding
+            require(cfg.weights, PRECOMPUTE_ROLES)
+        except MissingWeightsError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    from pipelines.precompute import run_precompute
+
+    try:
+        report = run_precompute(cfg)
+    except PrecomputeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        print("finished shards are kept; rerun the same command to resume", file=sys.stderr)
+        return 1
+    print(report.table())
+    if args.mlflow:
+        log_to_mlflow(cfg, report)
+    return 0
+
+
+def log_to_mlflow(cfg: PrecomputeConfig, report: PrecomputeReport) -> None:
+    """Best effort: a tracking outage never fails a finished precompute."""
+    try:
+        import mlflow
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(cfg.out).resolve() / 'mlflow.db'}"
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment("selva-precompute")
+        with mlflow.start_run(run_name=f"precompute {Path(cfg.out).name}"):
+            mlflow.log_params(as_params(cfg))
+            metrics = {"clips_ok": report.ok, "clips_failed": report.failed, "shards_written": len(report.shards_run),
+                       "ray_start_s": report.ray_start_seconds, "run_s": report.run_seconds}
+            metrics.update({f"failed_{k}": v for k, v in report.failures_by_reason.items()})
+            metrics.update({f"time_{k}_s": v for k, v in report.timings.items()})
+            mlflow.log_metrics(metrics)
+        print(f"logged to MLflow at {uri}")
+    except Exception as err:  # noqa: BLE001
+        print(f"warning: MLflow logging failed ({type(err).__name__}: {err}); the dataset is complete", file=sys.stderr)

@@ -1,0 +1,137 @@
+"""Run shard tasks on a pool of Ray actors, each holding the frozen encoders.
+
+Actors (not plain tasks) so the encoders load once per worker, not once per shard. The driver
+keeps every actor busy with one shard at a time and hands out the next shard as soon as one
+finishes, so a slow shard never idles the pool.
+
+Failure policy: an actor that dies (OOM kill, node loss, preemption) is replaced and its shard is
+run again, up to ``max_infra_retries`` times per shard; a shard over its failure budget or any
+exception raised by our code stops the job, after cancelling what is in flight. Finished shards
+are never redone.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import ray
+from tqdm import tqdm
+
+from pipelines.precompute import PrecomputeConfig, PrecomputeError, PrecomputeReport, add_result
+from pipelines.shard_processor import EncoderSpec, ShardProcessor, ShardResult
+from preprocessing.manifest import ManifestRow
+from preprocessing.sample import Sample
+from preprocessing.shard_reader import iter_shard
+from preprocessing.shards import read_dataset_info
+
+# driver environment that workers must see even when Ray was started earlier in the same process
+FORWARDED_ENV = ("SELVA_FAULT_EXIT_SHARD",)
+INFRA_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError)
+
+
+class ShardWorker:
+    """Ray actor: one ShardProcessor for the actor's lifetime."""
+
+    def __init__(self, spec: EncoderSpec):
+        device = spec.device
+        if ray.get_gpu_ids():
+            device = "cuda"
+        self.processor = ShardProcessor(EncoderSpec(**{**spec.__dict__, "device": device}))
+
+    def process(self, dataset_dir: str, shard: str, rows: list[ManifestRow], retry_failed: bool) -> ShardResult:
+        _maybe_inject_fault(shard)
+        media_root = read_dataset_info(dataset_dir).media_root
+        reuse = {}
+        if retry_failed and (Path(dataset_dir) / "shards" / f"{shard}.json").exists():
+            # keep what the earlier attempt wrote; decode only the recorded failures again
+            for sample in iter_shard(dataset_dir, shard):
+                reuse[sample.key] = Sample(sample.meta, sample.sync_mp4, sample.audio_flac, sample.arrays)
+        return self.processor.process(dataset_dir, shard, rows, media_root, reuse)
+
+
+def _maybe_inject_fault(shard: str) -> None:
+    """Fault injection for the resilience tests: ``SELVA_FAULT_EXIT_SHARD=<shard>:<flag file>`` makes
+    the worker process die (as an OOM kill would) the first time it starts that shard."""
+    spec = os.environ.get("SELVA_FAULT_EXIT_SHARD")
+    if not spec:
+        return
+    target, _, flag = spec.partition(":")
+    if target == shard and flag and not os.path.exists(flag):
+        Path(flag).write_text("crashed once")
+        os._exit(1)
+
+
+def _init_ray(cfg: PrecomputeConfig) -> None:
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)  # a cluster: RAY_ADDRESS or `ray job submit` decides where
+    else:
+        # the embedded default: a private local Ray with exactly the requested CPUs
+        ray.init(num_cpus=cfg.workers, include_dashboard=False, log_to_driver=True, logging_level="WARNING")
+
+
+def run_on_ray(
+    cfg: PrecomputeConfig, todo: list[str], by_shard: dict[str, list[ManifestRow]], report: PrecomputeReport
+) -> None:
+    started = time.perf_counter()
+    _init_ray(cfg)
+    report.ray_start_seconds = time.perf_counter() - started
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    options = {"runtime_env": {"env_vars": env}} if env else {}
+    actor_cls = ray.remote(num_cpus=1, num_gpus=cfg.gpus_per_worker)(ShardWorker).options(**options)
+    spec = cfg.spec()
+    workers = min(cfg.workers, len(todo))
+    actors = [actor_cls.remote(spec) for _ in range(workers)]
+    every_actor = list(actors)  # replacements included, so all are released at the end
+    queue = list(todo)
+    attempts: dict[str, int] = {}
+    in_flight: dict[ray.ObjectRef, tuple[str, object]] = {}
+    total_clips = sum(len(by_shard[s]) for s in todo)
+    bar = tqdm(total=total_clips, unit="clip", disable=not cfg.progress, desc="precompute", dynamic_ncols=True)
+
+    def submit(actor) -> None:
+        shard = queue.pop(0)
+        attempts[shard] = attempts.get(shard, 0) + 1
+        ref = actor.process.remote(str(cfg.out), shard, by_shard[shard], cfg.retry_failed)
+        in_flight[ref] = (shard, actor)
+
+    run_started = time.perf_counter()
+    try:
+        for actor in actors:
+            if queue:
+                submit(actor)
+        while in_flight:
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            ref = ready[0]
+            shard, actor = in_flight.pop(ref)
+            try:
+                result: ShardResult = ray.get(ref)
+            except INFRA_ERRORS as err:
+                if attempts[shard] > cfg.max_infra_retries:
+                    raise PrecomputeError(f"{shard}: worker failed {attempts[shard]} times; last error: {err}") from err
+                report.infra_retries += 1
+                bar.write(f"{shard}: worker died ({type(err).__name__}); retrying on a new worker")
+                ray.kill(actor, no_restart=True)
+                actor = actor_cls.remote(spec)
+                every_actor.append(actor)
+                queue.insert(0, shard)
+                submit(actor)
+                continue
+            except ray.exceptions.RayTaskError as err:
+                cause = err.cause if err.cause is not None else err
+                raise PrecomputeError(f"{shard}: {type(cause).__name__}: {cause}") from None
+            add_result(report, result)
+            bar.update(len(by_shard[shard]))
+            bar.set_postfix(shards=f"{len(report.shards_run)}/{len(todo)}", failed=report.failed)
+            if queue:
+                submit(actor)
+    finally:
+        bar.close()
+        for ref in in_flight:
+            ray.cancel(ref)  # actors are killed next, which also stops their running tasks
+        for actor in every_actor:
+            ray.kill(actor, no_restart=True)
+        report.run_seconds = time.perf_counter() - run_started

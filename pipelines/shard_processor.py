@@ -1,0 +1,153 @@
+"""Turn one shard's manifest rows into a written shard: decode, run the frozen encoders, write.
+
+This is the unit of work of the precompute job, free of Ray so that it runs (and is tested and
+benchmarked) in a plain process too. A :class:`ShardProcessor` loads the frozen encoders once and
+keeps a per-worker cache of text features, so a prompt shared by many clips is encoded once.
+
+Data errors (a bad clip) are recorded as failures of the shard and never retried; anything else
+(an encoder error, a full disk) propagates, because retrying it per clip would hide a real fault.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from preprocessing.compact import encode_flac, encode_sync_mp4
+from preprocessing.errors import Rejected, RejectReason
+from preprocessing.manifest import ManifestRow, check_row, resolve_media_path
+from preprocessing.media import DecodedClip, decode_clip
+from preprocessing.sample import Sample, SampleMeta
+from preprocessing.shard_writer import ShardWriter
+from selva.encoders import FrozenEncoders, build_encoders
+from selva.presets import ModelPreset, get_preset
+from selva.sequence import SequenceConfig
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What a worker needs to build its encoders (small and picklable: sent to every worker)."""
+
+    preset: str = "tiny"
+    encoders: str = "embedded"
+    weights: str | None = None
+    device: str = "cpu"
+    batch_size: int = 16
+    max_failed_fraction: float = 0.5
+
+
+@dataclass
+class ShardResult:
+    shard: str
+    ok: int = 0
+    failed: int = 0
+    failures_by_reason: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    reused: int = 0  # samples carried over from an earlier attempt (--retry-failed)
+
+
+class ShardProcessor:
+    def __init__(self, spec: EncoderSpec):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one "Loading weights" bar per worker is noise in a job log
+        self.spec = spec
+        self.preset: ModelPreset = get_preset(spec.preset)
+        self.seq = SequenceConfig(self.preset.duration)
+        self.device = torch.device(spec.device)
+        self.encoders: FrozenEncoders = build_encoders(spec.encoders, self.preset, spec.weights, self.device)
+        self._text_cache: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    # -- per clip ---------------------------------------------------------------------------------
+    def _decode(self, row: ManifestRow, media_root: str | None) -> DecodedClip:
+        problem = check_row(row, media_root)
+        if problem is not None:
+            raise problem
+        path = resolve_media_path(row.path, media_root)
+        return decode_clip(path, start=row.start, duration=row.duration, frame_size=self.preset.frame_size)
+
+    def _text_features(self, texts: Sequence[str]) -> None:
+        """Encode the prompts not seen by this worker yet, in one batch."""
+        new = sorted({t for t in texts if t not in self._text_cache})
+        for i in range(0, len(new), self.spec.batch_size):
+            chunk = new[i : i + self.spec.batch_size]
+            t5 = self.encoders.t5.encode(list(chunk))
+            clip = self.encoders.clip.encode(list(chunk))
+            for j, text in enumerate(chunk):
+                n = int(t5.mask[j].sum())
+                # keep only real tokens: the loader pads per batch, so padding is not stored
+                self._text_cache[text] = (
+                    t5.tokens[j, :n].cpu().numpy(),
+                    t5.mask[j, :n].cpu().numpy(),
+                    clip.tokens[j].cpu().numpy(),
+                )
+
+    @torch.inference_mode()
+    def _latents(self, clips: Sequence[DecodedClip]) -> list[tuple[np.ndarray, np.ndarray]]:
+        out = []
+        for i in range(0, len(clips), self.spec.batch_size):
+            wave = torch.from_numpy(np.stack([c.audio for c in clips[i : i + self.spec.batch_size]]))
+            mean, std = self.encoders.codec.encode(wave.to(self.device))
+            out.extend(zip(mean.float().cpu().numpy(), std.float().cpu().numpy(), strict=True))
+        return out
+
+    # -- per shard --------------------------------------------------------------------------------
+    def process(
+        self,
+        dataset_dir: str | Path,
+        shard: str,
+        rows: Sequence[ManifestRow],
+        media_root: str | None,
+        reuse: dict[str, Sample] | None = None,
+    ) -> ShardResult:
+        """Decode, encode and write ``shard``. ``reuse`` maps keys to samples kept from an earlier
+        attempt (``--retry-failed`` re-attempts only the recorded failures)."""
+        reuse = reuse or {}
+        timings = {"decode": 0.0, "encode": 0.0}
+        result = ShardResult(shard)
+        decoded: list[tuple[ManifestRow, DecodedClip]] = []
+        failures: list[tuple[str, Rejected]] = []
+        start = time.perf_counter()
+        for row in rows:
+            if row.key in reuse:
+                continue
+            try:
+                decoded.append((row, self._decode(row, media_root)))
+            except Rejected as err:
+                failures.append((row.key, err))
+            except Exception as err:  # noqa: BLE001 - a decoder crash on one file is that file's problem
+                failures.append((row.key, Rejected(RejectReason.UNDECODABLE, f"{row.path}: {err}")))
+        timings["decode"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        self._text_features([row.text for row, _ in decoded])
+        latents = self._latents([clip for _, clip in decoded])
+        samples = dict(reuse)
+        for (row, clip), (mean, std) in zip(decoded, latents, strict=True):
+            t5, t5_mask, clip_text = self._text_cache[row.text]
+            samples[row.key] = Sample(
+                meta=SampleMeta(row.key, row.source_id, row.text, row.start, row.duration, row.split, shard),
+                sync_mp4=encode_sync_mp4(clip.frames, fps=clip.fps),
+                audio_flac=encode_flac(clip.audio, clip.sample_rate),
+                arrays={"latent_mean": mean, "latent_std": std, "t5": t5, "t5_mask": t5_mask, "clip_text": clip_text},
+            )
+        timings["encode"] = time.perf_counter() - start
+
+        failed = dict(failures)
+        with ShardWriter(dataset_dir, shard, rows, max_failed_fraction=self.spec.max_failed_fraction) as writer:
+            for row in rows:  # manifest order
+                if row.key in failed:
+                    writer.reject_error(row.key, failed[row.key])
+                else:
+                    writer.add(samples[row.key])
+            marker = writer.finish(timings)
+        result.ok, result.failed = marker.num_ok, marker.num_failed
+        result.failures_by_reason = dict(marker.failures_by_reason)
+        result.timings = dict(marker.timings)
+        result.reused = len(reuse)
+        return result

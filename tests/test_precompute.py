@@ -1,0 +1,193 @@
+"""The Ray precompute job end to end: local Ray (2 CPUs), real + synthetic + broken clips.
+
+One clean run is shared by the tests (Ray start-up and decoding dominate their cost); reruns go
+to their own folders and are compared with it byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import shared_dir
+from media_fixtures import make_clip
+
+from preprocessing.manifest import read_manifest
+from preprocessing.shard_reader import iter_shard
+from preprocessing.shards import done_and_missing, read_failures, read_marker
+from selva_cli.main import main
+
+REAL = ["0B4dYTMsgHA_000130", "F8Zt3mYlOqU_000094"]
+GOOD_SYNTHETIC = ["synth_a", "synth_b", "synth_c", "synth_d"]
+EXPECTED_FAILURES = {
+    "zero_bytes": "undecodable",
+    "truncated": "undecodable",
+    "audio_only": "no_video",
+    "video_only": "no_audio",
+    "short": "too_short",
+    "silent": "silent",
+    "text_as_mp4": "undecodable",
+    "nowhere": "missing_file",
+}
+
+
+def _make_inputs(root: Path) -> Path:
+    media = root / "media"
+    media.mkdir(parents=True)
+    for clip_id in REAL:
+        shutil.copy(shared_dir() / "data" / "real" / f"{clip_id}.mp4", media / f"{clip_id}.mp4")
+    for i, clip_id in enumerate(GOOD_SYNTHETIC):
+        make_clip(media / f"{clip_id}.mp4", seconds=2.5, fps=30 if i % 2 else 25)
+    (media / "zero_bytes.mp4").write_bytes(b"")
+    make_clip(media / "full.mp4", seconds=3.0)
+    data = (media / "full.mp4").read_bytes()
+    (media / "truncated.mp4").write_bytes(data[: len(data) // 3])
+    (media / "full.mp4").unlink()
+    make_clip(media / "audio_only.mp4", seconds=3.0, video=False)
+    make_clip(media / "video_only.mp4", seconds=3.0, audio=False)
+    make_clip(media / "short.mp4", seconds=1.0)
+    make_clip(media / "silent.mp4", seconds=3.0, silent=True)
+    (media / "text_as_mp4.mp4").write_text("this is not a video\n")
+    rows = ["id\tlabel"]
+    rows += [f"{c}\tsound of {c}" for c in REAL + GOOD_SYNTHETIC + list(EXPECTED_FAILURES)]
+    rows.append("empty_text\t ")
+    (media / "empty_text.mp4").write_bytes((media / "synth_a.mp4").read_bytes())
+    table = root / "clips.tsv"
+    table.write_text("\n".join(rows) + "\n")
+    return table
+
+
+def _args(table: Path, out: Path, *extra: str) -> list[str]:
+    return ["precompute", "--input", str(table), "--media-root", str(table.parent / "media"), "--out", str(out),
+            "--samples-per-shard", "3", "--workers", "2", "--no-progress", "--max-failed-fraction", "1.0", *extra]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    if not (shared_dir() / "data" / "real").is_dir():
+        pytest.skip("real clips not found")
+    return _make_inputs(tmp_path_factory.mktemp("precompute-inputs"))
+
+
+@pytest.fixture(scope="module")
+def clean_run(inputs, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("clean") / "dataset"
+    assert main(_args(inputs, out)) == 0
+    return out
+
+
+def _shard_files(dataset: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((dataset / "shards").glob("*.tar"))}
+
+
+def test_every_good_clip_is_in_a_shard_and_every_bad_one_is_recorded(clean_run):
+    done, missing = done_and_missing(clean_run)
+    assert missing == [] and done
+    rows = {r.key: r for r in read_manifest(clean_run / "manifest.parquet")}
+    written = {}
+    for shard in done:
+        for sample in iter_shard(clean_run, shard):
+            written[sample.meta.source_id] = sample
+            assert sample.arrays["latent_mean"].shape == (63, 40)  # tiny: 2 s, 40 mel bands
+            assert sample.arrays["clip_text"].shape == (77, 64)
+    assert set(written) == set(REAL + GOOD_SYNTHETIC)
+    failures = {f.source_id: f for shard in done for f in read_failures(clean_run, shard)}
+    expected = {**EXPECTED_FAILURES, "empty_text": "bad_text"}
+    assert {k: f.reason for k, f in failures.items()} == expected
+    for source_id, failure in failures.items():
+        assert failure.message, source_id
+    assert len(rows) == len(written) + len(failures)
+
+
+def test_a_second_run_is_a_no_op_and_a_fresh_run_is_byte_identical(clean_run, inputs, tmp_path, capsys):
+    before = {p.name: p.stat().st_mtime_ns for p in (clean_run / "shards").iterdir()}
+    assert main(_args(inputs, clean_run)) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert before == {p.name: p.stat().st_mtime_ns for p in (clean_run / "shards").iterdir()}
+
+    again = tmp_path / "again"
+    assert main(_args(inputs, again)) == 0
+    assert _shard_files(again) == _shard_files(clean_run)
+    assert (again / "manifest.parquet").read_bytes() == (clean_run / "manifest.parquet").read_bytes()
+
+
+def test_sigkill_then_rerun_equals_a_clean_run(clean_run, inputs, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "selva_cli.main", *_args(inputs, out, "--workers", "1")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list((out / "shards").glob("*.json")) if (out / "shards").exists() else True:
+            assert proc.poll() is None, "the job finished before it could be killed"
+            assert time.monotonic() < deadline, "no shard finished in time"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+        proc.wait()
+    finished = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.json")}
+    done_before, missing_before = done_and_missing(out)
+    assert done_before and missing_before, "the kill should leave work to resume"
+
+    assert main(_args(inputs, out)) == 0
+    assert _shard_files(out) == _shard_files(clean_run)
+    for name, mtime in finished.items():  # finished shards were not redone
+        assert (out / "shards" / name).stat().st_mtime_ns == mtime
+    leftovers = [p for p in out.rglob("*") if ".tmp" in p.name]
+    assert leftovers == []
+
+
+def test_retry_failed_reattempts_only_the_failures(clean_run, inputs, tmp_path):
+    out = tmp_path / "retry"
+    shutil.copytree(clean_run, out)
+    media = inputs.parent / "media"
+    nowhere_row = next(r for r in read_manifest(out / "manifest.parquet") if r.source_id == "nowhere")
+    make_clip(media / "nowhere.mp4", seconds=2.5)  # the missing file turns up
+    before = _shard_files(out)
+    had_failures = {s for s in done_and_missing(out)[0] if read_marker(out, s).num_failed}
+    try:
+        assert main(_args(inputs, out, "--retry-failed")) == 0
+    finally:
+        (media / "nowhere.mp4").unlink()
+    keys = [s.meta.source_id for s in iter_shard(out, nowhere_row.shard)]
+    assert "nowhere" in keys
+    assert "nowhere" not in {f.source_id for f in read_failures(out, nowhere_row.shard)}
+    # samples kept from the first attempt are byte-for-byte the same
+    old = {s.key: s for s in iter_shard(clean_run, nowhere_row.shard)}
+    assert old
+    for sample in iter_shard(out, nowhere_row.shard):
+        if sample.key in old:
+            assert sample.sync_mp4 == old[sample.key].sync_mp4
+            assert all(np.array_equal(v, old[sample.key].arrays[k]) for k, v in sample.arrays.items())
+    # shards without failures were not touched
+    after = _shard_files(out)
+    for name, data in before.items():
+        if name.removesuffix(".tar") not in had_failures:
+            assert after[name] == data, name
+
+
+def test_a_worker_that_dies_is_replaced_and_its_shard_redone(inputs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "crash"
+    flag = tmp_path / "crashed-once"
+    monkeypatch.setenv("SELVA_FAULT_EXIT_SHARD", f"train-000000:{flag}")
+    assert main(_args(inputs, out)) == 0
+    assert flag.exists()
+    assert "retried after worker failures" in capsys.readouterr().out
+    assert done_and_missing(out)[1] == []
+
+
+def test_a_shard_over_its_failure_budget_stops_the_job_loudly(inputs, tmp_path, capsys):
+    out = tmp_path / "budget"
+    assert main([*_args(inputs, out), "--max-failed-fraction", "0.5"]) == 1
+    err = capsys.readouterr().err
+    assert "inputs rejected (budget 50%)" in err and "rerun the same command to resume" in err
+    for marker in (out / "shards").glob("*.json"):  # what finished is complete and within budget
+        shard = marker.stem
+        m = read_marker(out, shard)
+        assert m.num_failed <= 0.5 * m.num_expected

@@ -82,6 +82,7 @@ class PrecomputeReport:
     failures_by_reason: Counter = field(default_factory=Counter)
     timings: Counter = field(default_factory=Counter)  # summed per stage over shards
     ray_start_seconds: float = 0.0
+    worker_start_seconds: float = 0.0  # actors up with their encoders loaded
     run_seconds: float = 0.0
     infra_retries: int = 0
 
@@ -93,7 +94,10 @@ class PrecomputeReport:
         ]
         lines += [f"        {reason:<13} {count}" for reason, count in sorted(self.failures_by_reason.items())]
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(self.timings.items()))
-        lines.append(f"time:   ray start {self.ray_start_seconds:.1f} s, run {self.run_seconds:.1f} s ({stages})")
+        lines.append(
+            f"time:   ray start {self.ray_start_seconds:.1f} s, workers ready {self.worker_start_seconds:.1f} s, "
+            f"run {self.run_seconds:.1f} s ({stages})"
+        )
         if self.infra_retries:
             lines.append(f"        {self.infra_retries} shard attempts retried after worker failures")
         return "\n".join(lines)

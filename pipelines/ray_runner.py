@@ -40,6 +40,9 @@ class ShardWorker:
             device = "cuda"
         self.processor = ShardProcessor(EncoderSpec(**{**spec.__dict__, "device": device}))
 
+    def ready(self) -> bool:
+        return True
+
     def process(self, dataset_dir: str, shard: str, rows: list[ManifestRow], retry_failed: bool) -> ShardResult:
         _maybe_inject_fault(shard)
         media_root = read_dataset_info(dataset_dir).media_root
@@ -100,6 +103,14 @@ def run_on_ray(
 
     run_started = time.perf_counter()
     try:
+        # Wait for every worker to load its encoders: reported apart from the steady-state run, and a
+        # broken encoder set-up fails here, before any shard is started.
+        try:
+            ray.get([actor.ready.remote() for actor in actors])
+        except ray.exceptions.RayActorError as err:
+            raise PrecomputeError(f"workers could not start (encoder set-up failed?): {err}") from None
+        report.worker_start_seconds = time.perf_counter() - run_started
+        run_started = time.perf_counter()
         for actor in actors:
             if queue:
                 submit(actor)

@@ -75,8 +75,8 @@ def main() -> None:
         table = make_inputs(root, args.clips)
 
         def config(name: str, workers: int) -> PrecomputeConfig:
-            return PrecomputeConfig(input=str(table), out=str(root / name), workers=workers,
-                                    samples_per_shard=args.samples_per_shard, progress=False)
+            return PrecomputeConfig(input=str(table), out=str(root / name), media_root=str(root / "media"),
+                                    workers=workers, samples_per_shard=args.samples_per_shard, progress=False)
 
         rows = [("plain process (baseline)", *plain(config("plain", 1)), 0.0)]
         for workers in (1, 2):

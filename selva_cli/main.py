@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,45 +39,6 @@ def _run_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_demo(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "demo",
-        help="run the embedded-default demo (no downloads)",
-        description="Run the end-to-end demo on the embedded default. The full job (precompute -> "
-        "train -> generate) is not built yet; until it lands this runs the tiny model end to end "
-        "on a synthetic clip: TextSynch encoding, then 25-step CFG sampling of audio latents.",
-    )
-    parser.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(func=_run_demo)
-
-
-def _run_demo(args: argparse.Namespace) -> int:
-    import torch
-
-    from selva.presets import get_preset
-    from selva.sampling import sample_latents
-
-    print("selva demo: the full precompute -> train -> generate job is not built yet.")
-    print(f"Running the {args.preset} model on a synthetic clip instead (random weights, no downloads).")
-    preset = get_preset(args.preset)
-    torch.manual_seed(args.seed)
-    textsynch, generator = preset.build_textsynch().eval(), preset.build_generator().eval()
-    seq = preset.seq
-    video = torch.rand(1, seq.sync_num_frames, 3, preset.frame_size, preset.frame_size) * 2 - 1
-    t5 = torch.randn(1, 7, preset.textsynch.text_dim)
-    mask = torch.tensor([[True] * 5 + [False] * 2])
-    clip_text = torch.randn(1, preset.generator.text_seq_len, preset.generator.text_dim)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        sync = textsynch(video, t5, mask)
-        noise = torch.randn(1, seq.latent_seq_len, preset.generator.latent_dim)
-        latent = generator.unnormalize(sample_latents(generator, noise, sync, clip_text, steps=25))
-    print(f"video {tuple(video.shape)} -> sync features {tuple(sync.shape)} -> latents {tuple(latent.shape)}")
-    print(f"done in {time.perf_counter() - start:.2f} s")
-    return 0
-
-
 def _add_optional(subparsers: Any, module: str) -> None:
     """Register a job's subcommand; its module imports its heavy dependencies lazily."""
     import importlib
@@ -100,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optional(subparsers, "preprocessing.inspect_cli")
     _add_optional(subparsers, "pipelines.precompute_cli")
     _add_presets(subparsers)
-    _add_demo(subparsers)
+    _add_optional(subparsers, "pipelines.demo")
     return parser
 
 

@@ -39,6 +39,7 @@ class EncoderSpec:
     device: str = "cpu"
     batch_size: int = 16
     max_failed_fraction: float = 0.5
+    decode_threads: int = 1  # a worker owns one CPU: FFmpeg's automatic threads would oversubscribe
 
 
 @dataclass
@@ -69,7 +70,10 @@ class ShardProcessor:
         if problem is not None:
             raise problem
         path = resolve_media_path(row.path, media_root)
-        return decode_clip(path, start=row.start, duration=row.duration, frame_size=self.preset.frame_size)
+        return decode_clip(
+            path, start=row.start, duration=row.duration, frame_size=self.preset.frame_size,
+            threads=self.spec.decode_threads,
+        )
 
     def _text_features(self, texts: Sequence[str]) -> None:
         """Encode the prompts not seen by this worker yet, in one batch."""

@@ -170,7 +170,7 @@ def probe(source: MediaSource, name: str | None = None) -> MediaInfo:
 class _FramePicker:
     """Fills n output frames at times t0 + k/fps from source frames arriving in presentation order."""
 
-    def __init__(self, t0: float, n: int, fps: int, size: int) -> None:
+    def __init__(self, t0: float, n: int, fps: int, size: int, threads: int = 0) -> None:
         self.targets = [t0 + k / fps for k in range(n)]
         self.out = np.empty((n, size, size, 3), dtype=np.uint8)
         self.size = size
@@ -181,6 +181,7 @@ class _FramePicker:
         self.prev_written = -1  # output index that already holds ``prev`` (convert each frame once)
         self.step = 1.0 / fps  # last seen frame interval: the fallback duration of the last frame
         self.reformatter = av.video.reformatter.VideoReformatter()
+        self.threads = threads
         self.stream_error: str | None = None  # a decode error that ended the stream early (damaged tail)
 
     @property
@@ -193,7 +194,8 @@ class _FramePicker:
             self.out[self.k] = self.out[self.prev_written]
         else:
             rgb = self.reformatter.reformat(
-                self.prev, width=self.size, height=self.size, format="rgb24", interpolation=INTERPOLATION
+                self.prev, width=self.size, height=self.size, format="rgb24", interpolation=INTERPOLATION,
+                threads=self.threads,
             )
             self.out[self.k] = rgb.to_ndarray()
             self.prev_written = self.k
@@ -289,17 +291,18 @@ def _seek(container: av.container.InputContainer, stream: av.VideoStream, time: 
 
 def _decode_range(
     container: av.container.InputContainer, origin: float, start: float, duration: float,
-    n_frames: int, fps: int, frame_size: int, sample_rate: int, seek: bool,
+    n_frames: int, fps: int, frame_size: int, sample_rate: int, seek: bool, threads: int = 0,
 ) -> tuple[_FramePicker, _AudioCollector]:  # fmt: skip
     vstream, astream = container.streams.best("video"), container.streams.best("audio")
     assert vstream is not None and astream is not None
     # Slice threads only: frame threading (AUTO) can deadlock in avcodec_free_context when a decode
     # stops early and the container closes (seen in Ray workers; PyAV issues 909 and 367).
     vstream.thread_type = "SLICE"
+    vstream.thread_count = threads  # 0: FFmpeg's automatic count; a one-CPU Ray worker asks for 1
     t0, t_end = origin + start, origin + start + duration
     if seek:
         _seek(container, vstream, t0)
-    picker, audio = _FramePicker(t0, n_frames, fps, frame_size), _AudioCollector(sample_rate, origin)
+    picker, audio = _FramePicker(t0, n_frames, fps, frame_size, threads), _AudioCollector(sample_rate, origin)
     audio_done = False
     try:
         for packet in container.demux(vstream, astream):
@@ -372,10 +375,13 @@ def decode_clip(
     sample_rate: int = 16_000,
     fps: int = 25,
     name: str | None = None,
+    threads: int = 0,
 ) -> DecodedClip:
     """Decode [start, start + duration) of ``source`` into sync frames and training audio.
 
     Raises :class:`Rejected` (missing_file, undecodable, no_video, no_audio, too_short, silent).
+    ``threads`` caps FFmpeg's decode and scale threads (0: automatic, one per core); a worker that
+    owns one core should pass 1, or parallel workers oversubscribe the machine.
     """
     if duration <= 0 or start < 0 or frame_size <= 0:
         raise ValueError(f"need duration > 0, start >= 0, frame_size > 0; got {duration}, {start}, {frame_size}")
@@ -391,12 +397,12 @@ def decode_clip(
         origin = container.start_time / av.time_base if container.start_time is not None else 0.0
         args = (origin, start, duration, seq.sync_num_frames, fps, frame_size, sample_rate)
         try:
-            picker, audio = _decode_range(container, *args, seek=start > 0)
+            picker, audio = _decode_range(container, *args, seek=start > 0, threads=threads)
             late_audio = audio.first_time is not None and audio.first_time > origin + start + PTS_TOLERANCE_S
             if start > 0 and (picker.leading or late_audio):
                 # the seek landed after ``start`` (a bad index): decode again from the top
                 container.seek(0, backward=True)
-                picker, audio = _decode_range(container, *args, seek=False)
+                picker, audio = _decode_range(container, *args, seek=False, threads=threads)
         except av.FFmpegError as err:
             raise Rejected(RejectReason.UNDECODABLE, f"{label}: decoding failed: {_ffmpeg_reason(err)}") from None
     padded_frames = _check_video(picker, label, start, duration, info)

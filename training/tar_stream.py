@@ -1,0 +1,168 @@
+"""Raw samples out of shard tars: member bytes grouped by key, nothing decoded.
+
+The loader keeps samples raw (a few tens of KB of compact H.264 and fp16 arrays) until the shuffle
+buffer emits them, and decodes only what it emits: a shuffle buffer of decoded 224-pixel clips would
+hold 30 MB per sample, and a resumed run must skip the samples it already trained on without
+decoding them (training/sample_stream.py).
+
+Opening uses ``webdataset.gopen``, so every URL WebDataset streams works here too: local paths,
+``file:``, ``pipe:CMD`` (e.g. ``pipe:aws s3 cp s3://bucket/train-000000.tar -``), ``http(s)://`` via
+curl. Local files are read in random-access mode so that samples before a segment's start are
+skipped by seeking over their data instead of reading it.
+
+The tar walk applies the shard format's rules before any byte of a member is read: a member
+suffix outside the format (``.pth``, ``.pkl``, ...) or a member that is not a regular file marks its
+sample as damaged (counted and skipped when emitted), it is never read; arrays are later parsed by
+``preprocessing.shard_reader.decode_sample`` with ``allow_pickle=False`` semantics. WebDataset's own
+decoders are never used (its default handlers can unpickle).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from preprocessing.shards import MEMBER_ORDER
+from training.shard_order import Segment, ShardEntry, local_path
+
+log = logging.getLogger("selva.loader")
+
+_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+# The loader trains on precomputed latents, not on the waveform: audio.flac (often the largest
+# member) is checked for presence but its bytes are never read into memory.
+UNREAD_MEMBERS = frozenset({"audio.flac"})
+
+
+class ErrorLog:
+    """Counts data errors by kind and logs at most one line per ``interval_s`` with the running totals.
+
+    A run over millions of samples with a few bad ones must neither crash nor flood the log; the
+    totals travel with each batch so the trainer can report them as metrics.
+    """
+
+    def __init__(self, where: str, interval_s: float = 60.0):
+        self.where = where
+        self.interval_s = interval_s
+        self.counts: Counter[str] = Counter()
+        self.muted = False  # set while a resumed stream skips what the interrupted run already counted
+        self._counted: set[tuple[str, ...]] = set()
+        self._last = -float("inf")
+        self._unlogged = 0
+
+    def record(self, kind: str, message: str, samples: int = 1, ident: tuple[str, ...] | None = None) -> None:
+        """Count ``samples`` lost to ``kind``; ``ident`` names the sample or shard, so a re-draw that
+        meets the same bad sample again does not count it twice."""
+        if self.muted or ident in self._counted:
+            return
+        if ident is not None:
+            self._counted.add(ident)
+        self.counts[kind] += samples
+        now = time.monotonic()
+        if now - self._last < self.interval_s:
+            self._unlogged += 1
+            return
+        totals = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
+        more = f"; {self._unlogged} more since the last report" if self._unlogged else ""
+        log.warning("%s: skipped %s (totals: %s%s)", self.where, message, totals, more)
+        self._last, self._unlogged = now, 0
+
+
+@dataclass
+class RawSample:
+    """One sample's member bytes (suffix -> bytes), or why the tar walk already found it unusable."""
+
+    key: str
+    source: str
+    members: dict[str, bytes] = field(default_factory=dict)
+    problem: str | None = None
+
+
+@contextlib.contextmanager
+def _open_tar(url: str) -> Iterator[tarfile.TarFile]:
+    path = local_path(url)
+    if path is not None:
+        with tarfile.open(path, mode="r:") as tar:  # seekable: unread member data is skipped, not read
+            yield tar
+        return
+    import webdataset as wds
+
+    # TarFile does not close a stream it was handed: close it here, so a pipe's process is reaped
+    # (and its exit status checked) now rather than whenever the garbage collector runs
+    with contextlib.closing(wds.gopen(url, "rb")) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        yield tar
+
+
+def _expected_keys(shard: ShardEntry) -> list[str] | None:
+    if shard.marker is None:
+        return None
+    with open(shard.marker, encoding="utf-8") as handle:
+        return list(json.load(handle)["keys"])
+
+
+def iter_segment(shard: ShardEntry, segment: Segment, errors: ErrorLog) -> Iterator[RawSample]:
+    """The raw samples at positions ``[segment.start, segment.stop)`` of ``shard``'s tar, in order.
+
+    Problems that concern one sample travel with it (``RawSample.problem``); problems that make the
+    rest of the shard unreadable (missing file, damaged tar, keys that disagree with the marker)
+    are recorded as a "shard" error counting the samples lost, and the segment ends early.
+    """
+    url = shard.url
+    position = -1  # of the sample being collected
+    current: RawSample | None = None
+    stop = segment.stop
+
+    def lost() -> int:
+        end = stop if stop is not None else (shard.num_samples or position + 2)
+        return max(1, end - max(position, segment.start))
+
+    try:
+        expected = _expected_keys(shard)
+        with _open_tar(url) as tar:
+            for info in tar:
+                key, dot, suffix = info.name.partition(".")
+                if not dot or not _KEY.match(key):
+                    errors.record(
+                        "member", f"{url}: member {info.name!r} is not named <key>.<field>", ident=(url, info.name)
+                    )
+                    continue
+                if current is None or key != current.key:
+                    if current is not None and position >= segment.start:
+                        yield current
+                    position += 1
+                    tar.members = []  # TarFile keeps every header it has seen; a shard can hold 10^4
+                    if stop is not None and position >= stop:
+                        return  # closing early: a pipe: reader sees SIGPIPE, which gopen ignores
+                    if expected is not None and (position >= len(expected) or expected[position] != key):
+                        want = expected[position] if position < len(expected) else "no more samples"
+                        raise ValueError(f"sample {position} is {key}, the marker says {want}")
+                    current = RawSample(key, url)
+                if position < segment.start or current.problem is not None:
+                    continue  # skipping: the data is never read (a seek for local files)
+                if not info.isreg():
+                    current.problem = f"member {info.name} is not a regular file"
+                elif suffix not in MEMBER_ORDER:
+                    current.problem = f"member {info.name}: unexpected member type {suffix!r}"
+                elif suffix in current.members:
+                    current.problem = f"member {info.name} appears twice"
+                elif suffix in UNREAD_MEMBERS:
+                    current.members[suffix] = b""
+                else:
+                    handle = tar.extractfile(info)
+                    current.members[suffix] = handle.read() if handle is not None else b""
+            if current is not None and position >= segment.start:
+                yield current
+            position += 1
+        if stop is not None and position < stop:
+            raise ValueError(f"truncated: {position} sample(s), the segment ends at {stop}")
+        if expected is not None and stop is None and position < len(expected):
+            raise ValueError(f"truncated: {position} sample(s), the marker lists {len(expected)}")
+    except (tarfile.TarError, OSError, EOFError, ValueError, KeyError) as exc:
+        message = f"the rest of {url} ({type(exc).__name__}: {exc})"
+        errors.record("shard", message, samples=lost(), ident=(url, str(segment.start)))

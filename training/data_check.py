@@ -184,14 +184,16 @@ def format_report(report: CheckReport, source: ShardSource) -> list[str]:
     )
     pss = f"; PSS {report.peak_pss / 2**20:.1f} MiB, shared pages counted once" if report.peak_pss else ""
     lines.append(f"peak RSS: {report.peak_rss / 2**20:.1f} MiB (this process + its DataLoader workers{pss})")
-    if report.mixable:
+    if report.mixable and report.mixed:
         share = report.mixed / report.mixable
-        left = report.target_left / report.mixed if report.mixed else 0.0
-        lam = report.lam_sum / report.mixed if report.mixed else float("nan")
+        left = report.target_left / report.mixed
+        lam = report.lam_sum / report.mixed
         lines.append(
             f"mixing: {100 * share:.1f}% of samples mixed; target left {100 * left:.1f}% / right "
             f"{100 * (1 - left):.1f}%; mean lambda {lam:.3f}"
         )
+    elif report.mixable:
+        lines.append("mixing: on, but no sample was mixed (a batch of 1 has no partner to mix with)")
     else:
         lines.append("mixing: off")
     return lines

@@ -118,6 +118,12 @@ def prepare_dataset(cfg: PrecomputeConfig) -> tuple[list[ManifestRow], DatasetIn
                 f"{out} was made with {found} and encoders {info.extra.get('encoders_family')}; this run asks "
                 f"for {wanted} and encoders {cfg.encoders}. Use a new --out for a different set-up."
             )
+        recorded = info.extra.get("input_sha256")
+        if recorded and recorded != _file_sha256(cfg.input):
+            raise PrecomputeError(
+                f"{out} was built from a different version of the input table ({info.extra.get('input')}); "
+                f"{cfg.input} has changed since. A dataset version is immutable: use a new --out."
+            )
         rows = read_manifest(manifest_path)
         if manifest_hash(rows) != info.manifest_hash:
             raise PrecomputeError(f"{manifest_path} does not match dataset.json's manifest_hash; was it edited?")
@@ -148,7 +154,8 @@ def prepare_dataset(cfg: PrecomputeConfig) -> tuple[list[ManifestRow], DatasetIn
         clips=dict(Counter(r.split for r in rows)),
         shards=dict(shards),
         versions=_versions(),
-        extra={"encoders_family": cfg.encoders, "input": str(cfg.input), "frame_size": preset.frame_size},
+        extra={"encoders_family": cfg.encoders, "input": str(cfg.input), "input_sha256": _file_sha256(cfg.input),
+               "frame_size": preset.frame_size},
     )
     write_dataset_info(out, info)
     return rows, info
@@ -167,6 +174,16 @@ def _encoder_description(cfg: PrecomputeConfig) -> dict[str, dict]:
         "clip_text": {"name": "DFN5B-CLIP-ViT-H-14-384", "dim": preset.generator.text_dim},
         "codec": {"name": "mmaudio-vae-16k", "latent_dim": preset.generator.latent_dim},
     }
+
+
+def _file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _versions() -> dict[str, str]:

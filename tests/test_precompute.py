@@ -191,3 +191,14 @@ def test_a_shard_over_its_failure_budget_stops_the_job_loudly(inputs, tmp_path, 
         shard = marker.stem
         m = read_marker(out, shard)
         assert m.num_failed <= 0.5 * m.num_expected
+
+
+def test_a_changed_input_table_is_refused_for_an_existing_dataset(clean_run, inputs, tmp_path, capsys):
+    changed = tmp_path / "clips.tsv"
+    changed.write_text(inputs.read_text() + "extra_clip\tone more sound\n")
+    out = tmp_path / "copy"
+    shutil.copytree(clean_run, out)
+    args = _args(inputs, out)
+    args[args.index("--input") + 1] = str(changed)
+    assert main(args) == 1
+    assert "input table" in capsys.readouterr().err

@@ -141,7 +141,7 @@ def prepare_dataset(cfg: PrecomputeConfig) -> tuple[list[ManifestRow], DatasetIn
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(rows, manifest_path)
     seq = SequenceConfig(preset.duration)
-    shards = Counter(r.shard.rsplit("-", 1)[0] for r in {r.shard: r for r in rows}.values())
+    shards = Counter(split for _shard, split in {(r.shard, r.split) for r in rows})
     info = DatasetInfo(
         preset=cfg.preset,
         media_root=str(Path(media_root).resolve()),
@@ -243,9 +243,5 @@ def config_from_args(args) -> PrecomputeConfig:
 
 def as_params(cfg: PrecomputeConfig) -> dict[str, str]:
     return {k: str(v) for k, v in asdict(cfg).items()}
-
-
-def default_workers() -> int:
-    return max(1, (os.cpu_count() or 2))
 
 

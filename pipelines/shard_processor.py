@@ -11,6 +11,7 @@ Data errors (a bad clip) are recorded as failures of the shard and never retried
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ from preprocessing.shard_writer import ShardWriter
 from selva.encoders import FrozenEncoders, build_encoders
 from selva.presets import ModelPreset, get_preset
 from selva.sequence import SequenceConfig
+
+TEXT_CACHE_SIZE = 1024  # prompts; ~0.17 GB at the official widths (77 x 1024 CLIP tokens, float16)
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,9 @@ class ShardProcessor:
         self.seq = SequenceConfig(self.preset.duration)
         self.device = torch.device(spec.device)
         self.encoders: FrozenEncoders = build_encoders(spec.encoders, self.preset, spec.weights, self.device)
-        self._text_cache: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        # LRU of prompt features: repeated labels (VGGSound has 310) are encoded once per worker, while
+        # a caption dataset with millions of distinct prompts cannot grow the cache without bound.
+        self._text_cache: OrderedDict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
 
     # -- per clip ---------------------------------------------------------------------------------
     def _decode(self, row: ManifestRow, media_root: str | None) -> DecodedClip:
@@ -75,21 +80,28 @@ class ShardProcessor:
             threads=self.spec.decode_threads,
         )
 
-    def _text_features(self, texts: Sequence[str]) -> None:
-        """Encode the prompts not seen by this worker yet, in one batch."""
-        new = sorted({t for t in texts if t not in self._text_cache})
-        for i in range(0, len(new), self.spec.batch_size):
-            chunk = new[i : i + self.spec.batch_size]
-            t5 = self.encoders.t5.encode(list(chunk))
-            clip = self.encoders.clip.encode(list(chunk))
-            for j, text in enumerate(chunk):
-                n = int(t5.mask[j].sum())
-                # keep only real tokens: the loader pads per batch, so padding is not stored
-                self._text_cache[text] = (
-                    t5.tokens[j, :n].cpu().numpy(),
-                    t5.mask[j, :n].cpu().numpy(),
-                    clip.tokens[j].cpu().numpy(),
-                )
+    def _text_features(self, texts: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Features of ``texts``; prompts not in the worker's cache are encoded."""
+        for text in texts:
+            if text in self._text_cache:
+                self._text_cache.move_to_end(text)
+        # One prompt at a time: batched encoding pads to the batch's longest prompt, and which prompts share
+        # a batch depends on what this worker saw before (Ray scheduling), so batching could change a
+        # feature's last bits between runs. Each distinct prompt is encoded once per worker anyway.
+        for text in sorted({t for t in texts if t not in self._text_cache}):
+            t5 = self.encoders.t5.encode([text])
+            clip = self.encoders.clip.encode([text])
+            n = int(t5.mask[0].sum())
+            # keep only real tokens (the loader pads per batch); float16, as the shard stores them
+            self._text_cache[text] = (
+                t5.tokens[0, :n].cpu().numpy().astype(np.float16),
+                t5.mask[0, :n].cpu().numpy(),
+                clip.tokens[0].cpu().numpy().astype(np.float16),
+            )
+        wanted = {t: self._text_cache[t] for t in texts}
+        while len(self._text_cache) > max(TEXT_CACHE_SIZE, len(wanted)):
+            self._text_cache.popitem(last=False)
+        return wanted
 
     @torch.inference_mode()
     def _latents(self, clips: Sequence[DecodedClip]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -129,11 +141,11 @@ class ShardProcessor:
         timings["decode"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        self._text_features([row.text for row, _ in decoded])
+        text_features = self._text_features([row.text for row, _ in decoded])
         latents = self._latents([clip for _, clip in decoded])
         samples = dict(reuse)
         for (row, clip), (mean, std) in zip(decoded, latents, strict=True):
-            t5, t5_mask, clip_text = self._text_cache[row.text]
+            t5, t5_mask, clip_text = text_features[row.text]
             samples[row.key] = Sample(
                 meta=SampleMeta(row.key, row.source_id, row.text, row.start, row.duration, row.split, shard),
                 sync_mp4=encode_sync_mp4(clip.frames, fps=clip.fps),

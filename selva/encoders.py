@@ -19,10 +19,10 @@ from selva.audio.embedded_codec import EmbeddedCodecConfig
 from selva.audio.mel import get_mel_converter
 from selva.audio.vae import load_vae
 from selva.presets import ModelPreset
-from selva.text import TextEncoder, build_text_encoders
+from selva.text import ENCODER_KINDS, TextEncoder, build_text_encoders
 from selva.weights import require
 
-ENCODER_FAMILIES = ("embedded", "official")
+ENCODER_FAMILIES = ENCODER_KINDS  # one list: codecs and text encoders come in the same families
 OFFICIAL_LATENT_DIM = 20
 
 

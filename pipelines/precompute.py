@@ -24,6 +24,7 @@ from pathlib import Path
 
 from pipelines.shard_processor import EncoderSpec, ShardResult
 from preprocessing.manifest import (
+    ManifestProblem,
     ManifestRow,
     build_manifest,
     manifest_hash,
@@ -32,13 +33,17 @@ from preprocessing.manifest import (
     write_manifest,
 )
 from preprocessing.shards import (
+    DATASET_JSON,
     DatasetInfo,
+    InputFailure,
     done_and_missing,
+    input_failures_path,
     read_dataset_info,
     read_marker,
     refresh_sample_counts,
     remove_stale_temporaries,
     write_dataset_info,
+    write_input_failures,
 )
 from selva.presets import get_preset
 from selva.sequence import SequenceConfig
@@ -109,7 +114,7 @@ def prepare_dataset(cfg: PrecomputeConfig) -> tuple[list[ManifestRow], DatasetIn
     out = Path(cfg.out)
     preset = get_preset(cfg.preset)
     manifest_path = out / MANIFEST
-    if manifest_path.exists():
+    if (out / DATASET_JSON).exists():  # written last: its presence means the manifest step finished
         info = read_dataset_info(out)
         wanted = {"preset": cfg.preset, "seed": cfg.seed, "samples_per_shard": cfg.samples_per_shard}
         found = {"preset": info.preset, "seed": info.seed, "samples_per_shard": info.samples_per_shard}
@@ -134,11 +139,23 @@ def prepare_dataset(cfg: PrecomputeConfig) -> tuple[list[ManifestRow], DatasetIn
         cfg.input, duration=preset.duration, seed=cfg.seed, samples_per_shard=cfg.samples_per_shard,
         media_root=media_root,
     )
+    rejected = [p for p in problems if p.rejects]
     for problem in problems[:20]:
         print(f"input problem: {problem}")
     if len(problems) > 20:
         print(f"... and {len(problems) - 20} more input problems")
     out.mkdir(parents=True, exist_ok=True)
+    write_input_failures(out, [_input_failure(p) for p in rejected])
+    total = len(rows) + len(rejected)  # every row is a clip or a rejection
+    by_reason = dict(sorted(Counter(p.kind for p in rejected).items()))
+    if rejected:
+        print(f"{len(rejected)} of {total} input rows rejected ({by_reason}); recorded in {input_failures_path(out)}")
+    if total and len(rejected) / total > cfg.max_failed_fraction:
+        raise PrecomputeError(
+            f"{cfg.input}: {len(rejected)} of {total} rows rejected (budget {cfg.max_failed_fraction:.0%}): "
+            f"{by_reason}; see {input_failures_path(out)} (`selva inspect {out}`). Is it the right table and "
+            f"text column? Fix the table, or pass --max-failed-fraction to accept it."
+        )
     write_manifest(rows, manifest_path)
     seq = SequenceConfig(preset.duration)
     shards = Counter(split for _shard, split in {(r.shard, r.split) for r in rows})
@@ -151,6 +168,7 @@ def prepare_dataset(cfg: PrecomputeConfig) -> tuple[list[ManifestRow], DatasetIn
         seed=cfg.seed,
         samples_per_shard=cfg.samples_per_shard,
         manifest_hash=manifest_hash(rows),
+        input_rows={"rows": total, "clips": len(rows), "rejected": len(rejected), "rejected_by_reason": by_reason},
         clips=dict(Counter(r.split for r in rows)),
         shards=dict(shards),
         versions=_versions(),
@@ -159,6 +177,13 @@ def prepare_dataset(cfg: PrecomputeConfig) -> tuple[list[ManifestRow], DatasetIn
     )
     write_dataset_info(out, info)
     return rows, info
+
+
+def _input_failure(problem: ManifestProblem) -> InputFailure:
+    return InputFailure(
+        problem.row, problem.line, problem.id, problem.key, problem.kind, problem.message,
+        problem.collides_with_row, problem.collides_with_line,
+    )
 
 
 def _encoder_description(cfg: PrecomputeConfig) -> dict[str, dict]:

@@ -1,7 +1,8 @@
 """``selva inspect DATASET``: what a dataset folder holds and how far its precompute got.
 
-Everything comes from the small files (dataset.json, the manifest's shard column, the markers and the
-failures tables); no tar is opened, so this is quick even for a large dataset on a shared filesystem.
+Everything comes from the small files (dataset.json, the manifest's shard column, the markers, the
+failures tables and the table of input rows rejected before sharding); no tar is opened, so this is
+quick even for a large dataset on a shared filesystem.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from typing import Any
 from preprocessing.shards import (
     DATASET_JSON,
     MANIFEST_FILE,
+    DatasetInfo,
     ShardError,
     failures_path,
+    input_failures_path,
     read_dataset_info,
     read_failures,
+    read_input_failures,
     shard_states,
 )
 
@@ -39,6 +43,25 @@ def _clips_per_split(dataset: Path) -> Counter[str]:
     import pyarrow.parquet as pq
 
     return Counter(pq.read_table(dataset / MANIFEST_FILE, columns=["split"]).column("split").to_pylist())
+
+
+def _print_input_rejections(dataset: Path, info: DatasetInfo | None, out: Callable[[str], Any]) -> None:
+    """Rows of the input table that never reached a shard: counts from dataset.json, examples with lines."""
+    counts = info.input_rows if info is not None else {}
+    rejected = read_input_failures(dataset)
+    if not counts and not rejected:
+        return  # a dataset made before input rejections were recorded
+    total = counts.get("rows", "?")
+    by_reason = Counter(f.reason for f in rejected)
+    out(
+        f"input table: {total} rows, {counts.get('clips', '?')} clips, {len(rejected)} rejected before sharding"
+        + (f": {_reasons(by_reason)} ({input_failures_path(dataset).relative_to(dataset)})" if rejected else "")
+    )
+    for failure in rejected[:MAX_LISTED]:
+        where = f"row {failure.row}" + (f" (line {failure.line})" if failure.line is not None else "")
+        out(f"  {where} id={failure.source_id!r}: {failure.reason}: {failure.message}")
+    if len(rejected) > MAX_LISTED:
+        out(f"  ... and {len(rejected) - MAX_LISTED} more")
 
 
 def print_dataset_summary(dataset_dir: str | Path, out: Callable[[str], Any] = print) -> None:
@@ -67,6 +90,7 @@ def print_dataset_summary(dataset_dir: str | Path, out: Callable[[str], Any] = p
         out(f"no {MANIFEST_FILE}: run the manifest step first" + ("" if info else f" (nor {DATASET_JSON})"))
         return
 
+    _print_input_rejections(dataset, info, out)
     clips = _clips_per_split(dataset)
     states = shard_states(dataset)
     out(f"{'split':<12}{'shards done':>14}{'clips':>10}{'samples':>10}{'failed':>9}")

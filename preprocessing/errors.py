@@ -14,10 +14,13 @@ class RejectReason(StrEnum):
     UNDECODABLE = "undecodable"  # the container or a stream cannot be decoded
     NO_VIDEO = "no_video"
     NO_AUDIO = "no_audio"
-    TOO_SHORT = "too_short"  # fewer frames/samples than the clip needs (beyond the small padding allowance)
+    TOO_SHORT = "too_short"  # fewer frames/samples than the clip needs, or a table span shorter than the clip
     SILENT = "silent"  # audio peak <= 1e-6
-    BAD_TEXT = "bad_text"  # empty or non-text prompt
+    BAD_TEXT = "bad_text"  # empty, non-text or invisible prompt
     MISSING_FILE = "missing_file"
+    # input rows rejected before shard assignment (failures/input.parquet); see preprocessing.input_rows
+    BAD_ROW = "bad_row"  # the row cannot become a clip: unreadable line, no id, bad start/duration/split
+    DUPLICATE = "duplicate"  # the clip (or its id, or its file and span) was already taken by an earlier row
 
 
 class Rejected(Exception):

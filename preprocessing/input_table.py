@@ -12,6 +12,12 @@ Accepted layouts:
 * no header, four columns: the original ``vggsound.csv`` (``youtube_id,start_seconds,label,split``);
   the clip id becomes ``<youtube_id>_<start:06d>``, the name VGGSound downloads give the cut clips.
 
+Text files are read line by line: one physical line is one row, and a line that cannot be split
+(bytes that are not UTF-8, CSV quotes that do not close on their line) becomes a row with a
+``problem`` instead of stopping the job or merging into its neighbours. Tab-separated files are
+read literally: a ``"`` is part of the text (no CSV quoting), so an unbalanced quote in a caption
+never swallows the rows after it. CSV files follow RFC 4180 quoting within a line.
+
 Values are kept as read (strings for text files, Python values for Parquet) so that the judge can
 tell an empty cell from a missing one and a number from a text.
 """
@@ -19,7 +25,6 @@ tell an empty cell from a missing one and a number from a text.
 from __future__ import annotations
 
 import csv
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +44,7 @@ class TableRow:
     line: int | None  # 1-based line in a text file where the row starts; None for Parquet
     values: dict[str, Any]  # canonical column -> value as read (None where the cell is absent)
     extra_cells: int = 0  # cells beyond the header's width (a stray tab or comma in a text field)
+    problem: str | None = None  # why the line could not be split into cells (bad bytes, broken quoting)
 
 
 @dataclass(frozen=True)
@@ -103,56 +109,95 @@ def _vggsound_csv_row(cells: list[str]) -> dict[str, Any] | None:
     return {"id": f"{ytid}_{int(start):06d}", "label": label, "split": split}
 
 
-def _read_text(path: Path, fmt: str, text_column: str | None) -> InputTable:
-    # utf-8-sig drops the byte-order mark spreadsheet programs put in front of the header
-    with path.open("r", encoding="utf-8-sig", newline="") as handle:
-        content = handle.read()
-    reader = csv.reader(io.StringIO(content), delimiter="\t" if fmt == "tsv" else ",")
-    records: list[tuple[int, list[str]]] = []
+def _physical_lines(data: bytes) -> list[bytes]:
+    """Split on LF (CRLF's CR is dropped); a file with only CRs (old Mac) splits on CR."""
+    if b"\n" not in data and b"\r" in data:
+        return data.split(b"\r")
+    return [line[:-1] if line.endswith(b"\r") else line for line in data.split(b"\n")]
+
+
+def _cells(text: str, fmt: str) -> list[str]:
+    """One line's cells. TSV is literal: a quote is a character like any other (no CSV quoting), so
+    an unbalanced quote in a caption cannot swallow the rows after it. CSV follows RFC 4180 within
+    the line; a quoted field may not run past its line (prompts have no line breaks)."""
+    if fmt == "tsv":
+        return text.split("\t")
     try:
-        while True:
-            start_line = reader.line_num + 1
-            try:
-                cells = next(reader)
-            except StopIteration:
-                break
-            if cells and any(c.strip() for c in cells):  # blank lines are not data rows
-                records.append((start_line, cells))
+        return next(csv.reader([text], strict=True))
     except csv.Error as exc:
-        raise ManifestError(f"{path}: line {reader.line_num}: {exc}") from exc
+        raise ValueError(f"CSV quoting: {exc} (a quoted field must close on its own line)") from None
+
+
+def _read_text(path: Path, fmt: str, text_column: str | None) -> InputTable:
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):  # the byte-order mark spreadsheet programs put in front
+        data = data[3:]
+    # (line number, cells or None, problem): each physical line on its own, so one damaged line
+    # (bad bytes, broken quoting) is one rejected row and never takes its neighbours with it
+    records: list[tuple[int, list[str] | None, str | None]] = []
+    for number, raw in enumerate(_physical_lines(data), start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if not records:
+                raise ManifestError(f"{path}: line {number}: not UTF-8 text: {exc}") from None
+            records.append((number, None, f"not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"))
+            continue
+        if not text.strip():
+            continue  # blank lines are not data rows (they still move the line count)
+        try:
+            records.append((number, _cells(text, fmt), None))
+        except ValueError as exc:
+            if not records:
+                raise ManifestError(f"{path}: line {number} (the header): {exc}") from None
+            records.append((number, None, str(exc)))
     if not records:
         raise ManifestError(f"{path}: the table is empty")
 
-    header = [c.strip().lower() for c in records[0][1]]
+    header_line, first, _ = records[0]
+    assert first is not None
+    header = [c.strip().lower() for c in first]
     if "id" in header:
         columns = [c for c in KNOWN_COLUMNS if c in header]
         index = {c: header.index(c) for c in columns}
         text = _choose_text_column(columns, text_column, path)
         rows = []
-        for n, (line, cells) in enumerate(records[1:], start=1):
+        for n, (line, cells, problem) in enumerate(records[1:], start=1):
+            if cells is None:
+                rows.append(TableRow(n, line, {}, problem=problem))
+                continue
             values = {c: (cells[i] if i < len(cells) else None) for c, i in index.items()}
             rows.append(TableRow(n, line, values, max(0, len(cells) - len(header))))
         return InputTable(path, "header", text, tuple(columns), rows)
 
-    width = len(records[0][1])
+    width = len(first)
     if width == 2:
-        rows = [
-            TableRow(n, line, {"id": cells[0], "label": cells[1] if len(cells) > 1 else None}, max(0, len(cells) - 2))
-            for n, (line, cells) in enumerate(records, start=1)
-        ]
+        rows = []
+        for n, (line, cells, problem) in enumerate(records, start=1):
+            if cells is None:
+                rows.append(TableRow(n, line, {}, problem=problem))
+            else:
+                label = cells[1] if len(cells) > 1 else None
+                rows.append(TableRow(n, line, {"id": cells[0], "label": label}, max(0, len(cells) - 2)))
         return InputTable(
             path, "id-label", _choose_text_column(["id", "label"], text_column, path), ("id", "label"), rows
         )
-    if width == 4 and _vggsound_csv_row(records[0][1]) is not None:
+    if width == 4 and _vggsound_csv_row(first) is not None:
         rows = []
-        for n, (line, cells) in enumerate(records, start=1):
+        for n, (line, cells, problem) in enumerate(records, start=1):
+            if cells is None:
+                rows.append(TableRow(n, line, {}, problem=problem))
+                continue
             values = _vggsound_csv_row(cells) if len(cells) == 4 else None
-            # a row of another width or with a non-integer start cannot be mapped: keep it with no id
-            rows.append(TableRow(n, line, values or {"id": None}, max(0, len(cells) - 4)))
+            if values is None:
+                why = f"{len(cells)} cells, 4 expected" if len(cells) != 4 else "start_seconds is not an integer"
+                rows.append(TableRow(n, line, {}, problem=f"not a vggsound.csv row: {why}"))
+            else:
+                rows.append(TableRow(n, line, values))
         columns = ("id", "label", "split")
         return InputTable(path, "vggsound-csv", _choose_text_column(list(columns), text_column, path), columns, rows)
     raise ManifestError(
-        f"{path}: the first row has no 'id' column and {width} cells; give a header row "
+        f"{path}: line {header_line}: the first row has no 'id' column and {width} cells; give a header row "
         f"(id, caption|label|text, optional path, start, duration, split) or use VGGSound's id<TAB>label layout"
     )
 
@@ -166,7 +211,4 @@ def read_input_table(path: str | Path, *, text_column: str | None = None) -> Inp
         return _read_parquet(path, text_column)
     with path.open("r", encoding="utf-8-sig", errors="replace") as handle:
         first_line = handle.readline()
-    try:
-        return _read_text(path, _table_format(path, first_line), text_column)
-    except UnicodeDecodeError as exc:
-        raise ManifestError(f"{path}: not UTF-8 text: {exc}") from exc
+    return _read_text(path, _table_format(path, first_line), text_column)

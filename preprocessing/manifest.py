@@ -9,10 +9,11 @@ Rules (docs/shard-format.md has the full list):
 
 * key = first 16 hex digits of sha1(``f"{source_id}|{start:.3f}|{duration:.3f}"``): stable, no dots
   (WebDataset splits member names at the first dot), millisecond resolution;
-* rows whose key repeats an earlier row are dropped and reported (``duplicate``); rows that cannot
-  become a clip at all (no id, bad start/duration/split) are dropped and reported (``bad_row``);
-* rows with an empty prompt stay in the manifest, so the job records them as ``bad_text`` failures in
-  their shard; missing media files are reported by ``validate`` and recorded by the job at run time;
+* every clip has the preset's duration: a longer span is cut from its start, a shorter one rejected;
+* rows that cannot become a clip (``bad_row``, ``bad_text``, ``too_short``, ``duplicate``: the rules
+  are in ``preprocessing.input_rows``) stay out of the manifest and are recorded with their line in
+  the dataset-level failures table; missing media files are reported by ``validate`` and recorded by
+  the job at run time, in their shard's failures table;
 * ``path`` is stored as given (default ``<id>.mp4``); relative paths resolve against the media root
   recorded in ``dataset.json`` (overridable), so moving the media to a cluster needs no new manifest.
 """
@@ -21,9 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import re
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import astuple, dataclass, fields
@@ -33,11 +32,10 @@ from typing import Any
 import numpy as np
 
 from preprocessing.errors import Rejected, RejectReason
-from preprocessing.input_table import InputTable, ManifestError, TableRow, read_input_table
+from preprocessing.input_rows import ClipRow, Collisions, ManifestProblem, clip_key, judge_row
+from preprocessing.input_table import ManifestError, read_input_table
 from preprocessing.shards import atomic_target
 
-SPLIT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*$")  # becomes part of file names: keep it plain
-KEY_HEX_DIGITS = 16
 DEFAULT_SAMPLES_PER_SHARD = 1000
 
 __all__ = [
@@ -61,35 +59,6 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class ManifestProblem:
-    """One thing wrong with an input row. ``kind``: duplicate, bad_text, missing_file or bad_row."""
-
-    row: int  # 1-based data row (header not counted)
-    id: str
-    kind: str
-    message: str
-    line: int | None = None  # line in a text file, for editors
-
-    def __str__(self) -> str:
-        where = f"row {self.row}" + (f" (line {self.line})" if self.line is not None else "")
-        return f"{where} id={self.id!r}: {self.kind}: {self.message}"
-
-
-@dataclass(frozen=True)
-class ClipRow:
-    """An input row that can become a clip (before shard assignment)."""
-
-    key: str
-    source_id: str
-    path: str
-    start: float
-    duration: float
-    text: str  # "" when the prompt is empty or not text: the job records it as bad_text
-    split: str
-    row: int
-
-
-@dataclass(frozen=True)
 class ManifestRow:
     key: str
     source_id: str
@@ -101,74 +70,11 @@ class ManifestRow:
     shard: str
     index_in_shard: int
     row: int  # the input table's data row, for messages that point a user back at the input
-
-
-def clip_key(source_id: str, start: float, duration: float) -> str:
-    """Stable sample key: sha1 of ``source_id|start|duration`` (ms resolution), 16 hex digits."""
-    canonical = f"{source_id}|{start:.3f}|{duration:.3f}"
-    return hashlib.sha1(canonical.encode("utf-8")).hexdigest()[:KEY_HEX_DIGITS]
+    line: int | None = None  # the row's line in a text table (None for Parquet)
 
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}"
-
-
-def _milliseconds(value: float) -> float:
-    # store exactly what the key hashes, and turn -0.0 into 0.0 so it formats as "0.000"
-    return float(f"{value:.3f}") + 0.0
-
-
-def _number(value: Any, default: float, name: str) -> float:
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return default
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} {value!r} is not a number") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{name} {value!r} is not finite")
-    return number
-
-
-def _clip_from_row(
-    item: TableRow, table: InputTable, duration: float, default_split: str
-) -> tuple[ClipRow | None, list[ManifestProblem]]:
-    values = item.values
-    raw_id = values.get("id")
-    source_id = str(raw_id).strip() if raw_id is not None else ""
-
-    def problem(kind: str, message: str) -> ManifestProblem:
-        return ManifestProblem(item.row, source_id, kind, message, item.line)
-
-    if not source_id:
-        return None, [problem("bad_row", "empty id")]
-    if item.extra_cells:
-        # a stray tab/comma inside a text field: which cell is the prompt is a guess, so do not guess
-        return None, [problem("bad_row", f"{item.extra_cells} more cell(s) than the header; quote the text field")]
-    try:
-        start = _number(values.get("start"), 0.0, "start")
-        length = _number(values.get("duration"), duration, "duration")
-    except ValueError as exc:
-        return None, [problem("bad_row", str(exc))]
-    if start < 0:
-        return None, [problem("bad_row", f"start {start} is negative")]
-    if _milliseconds(length) <= 0:
-        return None, [problem("bad_row", f"duration {length} is not positive")]
-    split = str(values.get("split") or "").strip() or default_split
-    if not SPLIT_PATTERN.match(split):
-        return None, [problem("bad_row", f"split {split!r} must be letters, digits and '_'")]
-    raw_path = values.get("path")
-    path = str(raw_path).strip() if raw_path is not None and str(raw_path).strip() else f"{source_id}.mp4"
-
-    text_value = values.get(table.text_column)
-    text = text_value.strip() if isinstance(text_value, str) else ""
-    problems = []
-    if not text:
-        what = "empty" if text_value is None or isinstance(text_value, str) else f"not text ({text_value!r})"
-        problems.append(problem(RejectReason.BAD_TEXT.value, f"{table.text_column} is {what}"))
-    start, length = _milliseconds(start), _milliseconds(length)
-    clip = ClipRow(clip_key(source_id, start, length), source_id, path, start, length, text, split, item.row)
-    return clip, problems
 
 
 def resolve_media_path(path: str, media_root: str | Path | None) -> str:
@@ -206,38 +112,40 @@ def read_clips(
     text_column: str | None = None,
     check_files: bool = True,
 ) -> tuple[list[ClipRow], list[ManifestProblem]]:
-    """Every usable clip of the table (first of each key, in table order) and every problem found.
+    """Every usable clip of the table (first of each clip, in table order) and every problem found.
 
-    ``duration`` is the clip length for rows without a ``duration`` cell (the preset's duration).
-    ``media_root`` defaults to the table's folder. Problems come sorted by row.
+    ``duration`` is the preset's clip length: every clip gets it (longer spans are cut from their
+    start, shorter ones rejected). ``media_root`` defaults to the table's folder. Problems come sorted
+    by row; those with ``rejects`` keep their row out of the clips, ``missing_file`` ones do not.
     """
     table = read_input_table(table_path, text_column=text_column)
     root = Path(media_root) if media_root is not None else table.path.parent
     files = _FileIndex()
+    collisions = Collisions()
     clips: list[ClipRow] = []
     problems: list[ManifestProblem] = []
-    first_row: dict[str, int] = {}
     for item in table.rows:
-        clip, found = _clip_from_row(item, table, duration, default_split)
-        problems.extend(found)
-        if clip is None:
+        clip, problem = judge_row(item, table, duration, default_split)
+        if clip is not None:
+            resolved = os.path.normpath(resolve_media_path(clip.path, root))
+            problem = collisions.check(clip, resolved)
+        if problem is not None:
+            problems.append(problem)
             continue
-        if clip.key in first_row:
-            problems.append(
-                ManifestProblem(
-                    item.row, clip.source_id, "duplicate", f"same clip as row {first_row[clip.key]}", item.line
-                )
-            )
-            continue
-        first_row[clip.key] = item.row
+        assert clip is not None
         clips.append(clip)
         if check_files and not files.exists(resolve_media_path(clip.path, root)):
             message = f"no file {resolve_media_path(clip.path, root)}"
             problems.append(
-                ManifestProblem(item.row, clip.source_id, RejectReason.MISSING_FILE.value, message, item.line)
+                ManifestProblem(clip.row, clip.source_id, RejectReason.MISSING_FILE.value, message, clip.line, clip.key)
             )
     problems.sort(key=lambda p: p.row)
     return clips, problems
+
+
+def input_rows_total(table_path: str | Path, *, text_column: str | None = None) -> int:
+    """Data rows of the table (what ``read_clips`` judged): clips + rejected rows."""
+    return len(read_input_table(table_path, text_column=text_column).rows)
 
 
 def validate(table_path: str | Path, *, duration: float, strict: bool = False, **options: Any) -> list[ManifestProblem]:
@@ -291,6 +199,7 @@ def assign_shards(clips: Iterable[ClipRow], *, seed: int, samples_per_shard: int
                     shard,
                     position % samples_per_shard,
                     c.row,
+                    c.line,
                 )
             )
     return rows
@@ -309,8 +218,6 @@ def build_manifest(
     clips, problems = read_clips(table_path, duration=duration, **options)
     if strict and problems:
         raise ManifestError(_problem_report(table_path, problems))
-    if not clips:
-        raise ManifestError(f"{table_path}: no usable rows\n{_problem_report(table_path, problems)}")
     return assign_shards(clips, seed=seed, samples_per_shard=samples_per_shard), problems
 
 
@@ -329,6 +236,7 @@ def _schema():
             ("shard", pa.string()),
             ("index_in_shard", pa.int32()),
             ("row", pa.int64()),
+            ("line", pa.int64()),
         ]
     )
 
@@ -350,10 +258,11 @@ def read_manifest(path: str | Path, *, columns: Sequence[str] | None = None) -> 
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
-    missing = [f.name for f in fields(ManifestRow) if f.name not in table.column_names]
+    optional = ("line",)  # manifests written before lines were recorded have none
+    missing = [f.name for f in fields(ManifestRow) if f.name not in table.column_names and f.name not in optional]
     if missing:
         raise ManifestError(f"{path}: not a manifest (missing columns {', '.join(missing)})")
-    data = {f.name: table.column(f.name).to_pylist() for f in fields(ManifestRow)}
+    data = {f.name: table.column(f.name).to_pylist() for f in fields(ManifestRow) if f.name in table.column_names}
     return [ManifestRow(**{name: data[name][i] for name in data}) for i in range(table.num_rows)]
 
 
@@ -361,7 +270,10 @@ def manifest_hash(rows: Sequence[ManifestRow]) -> str:
     """sha256 of the rows' canonical JSON: identifies the content, whatever Parquet encoder wrote it."""
     digest = hashlib.sha256()
     for row in rows:
-        digest.update(json.dumps(astuple(row), ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+        values = astuple(row)
+        if row.line is None:  # Parquet inputs and manifests from before lines were kept: the old hash
+            values = values[:-1]
+        digest.update(json.dumps(values, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
         digest.update(b"\n")
     return digest.hexdigest()
 

@@ -30,13 +30,12 @@ from preprocessing.shards import (
     Failure,
     ShardError,
     ShardMarker,
-    atomic_target,
     commit,
-    failures_path,
     shard_marker_path,
     shard_tar_path,
     split_of,
     temporary_path,
+    write_failures,
     write_json_atomic,
 )
 
@@ -189,20 +188,14 @@ class ShardWriter:
             raise ShardError(f"{self.shard}: rejected key {key} is not in this shard")
         if key in self._failures or key in self._written:
             raise ShardError(f"{self.shard}: key {key} already has a result")
-        self._failures[key] = Failure(key, row.source_id, RejectReason(reason).value, message)
+        self._failures[key] = Failure(key, row.source_id, RejectReason(reason).value, message, row.row, row.line)
 
     def reject_error(self, key: str, error: Rejected) -> None:
         self.reject(key, error.reason, error.message)
 
     def _write_failures(self) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         ordered = [self._failures[r.key] for r in self.rows if r.key in self._failures]
-        columns = {name: [getattr(f, name) for f in ordered] for name in ("key", "source_id", "reason", "message")}
-        table = pa.Table.from_pydict(columns, schema=pa.schema([(name, pa.string()) for name in columns]))
-        with atomic_target(failures_path(self.dataset_dir, self.shard)) as tmp:
-            pq.write_table(table, tmp, compression="zstd")
+        write_failures(self.dataset_dir, self.shard, ordered)
 
     def finish(self, timings: Mapping[str, float] | None = None) -> ShardMarker:
         """Commit the tar, then the failures table, then the marker; returns the marker."""

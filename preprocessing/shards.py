@@ -6,6 +6,7 @@ DATASET/manifest.parquet             preprocessing.manifest
 DATASET/shards/{shard}.tar           samples (preprocessing.shard_writer / shard_reader)
 DATASET/shards/{shard}.json          ShardMarker: written last, its presence means "done"
 DATASET/failures/{shard}.parquet     rejected inputs of the shard (always written, may be empty)
+DATASET/failures/input.parquet       input rows rejected before shard assignment (always written)
 ```
 
 Every file is written under a hidden temporary name in its final folder and renamed with
@@ -21,7 +22,7 @@ import json
 import os
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,26 @@ class Failure:
     source_id: str
     reason: str  # a RejectReason value
     message: str
+    row: int | None = None  # the input table's data row and text line (None: unknown or Parquet)
+    line: int | None = None
+
+
+FAILURE_COLUMNS = ("key", "source_id", "reason", "message", "row", "line")
+INPUT_FAILURES = "input"  # failures/input.parquet: no shard has this name (shards end in -NNNNNN)
+
+
+@dataclass(frozen=True)
+class InputFailure:
+    """An input row rejected before shard assignment: a row of ``failures/input.parquet``."""
+
+    row: int
+    line: int | None
+    source_id: str
+    key: str | None  # the clip's key where the row got that far (duplicates, too_short)
+    reason: str  # bad_row, bad_text, too_short or duplicate
+    message: str
+    collides_with_row: int | None = None  # duplicate: the earlier row that owns the clip
+    collides_with_line: int | None = None
 
 
 def shard_tar_path(dataset_dir: str | Path, shard: str) -> Path:
@@ -66,6 +87,10 @@ def shard_marker_path(dataset_dir: str | Path, shard: str) -> Path:
 
 def failures_path(dataset_dir: str | Path, shard: str) -> Path:
     return Path(dataset_dir) / "failures" / f"{shard}.parquet"
+
+
+def input_failures_path(dataset_dir: str | Path) -> Path:
+    return Path(dataset_dir) / "failures" / f"{INPUT_FAILURES}.parquet"
 
 
 def split_of(shard: str) -> str:
@@ -132,6 +157,8 @@ class DatasetInfo:
     clips: dict[str, int] = field(default_factory=dict)  # manifest rows per split
     shards: dict[str, int] = field(default_factory=dict)  # shards per split
     samples: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> {ok, failed, shards_done}
+    # the input table's rows: {"rows": N, "clips": M, "rejected": K, "rejected_by_reason": {...}}
+    input_rows: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)  # package versions that wrote the data
     extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -274,6 +301,49 @@ def refresh_sample_counts(dataset_dir: str | Path) -> DatasetInfo:
     return info
 
 
+def _write_parquet(path: Path, columns: dict[str, list], schema) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pydict(columns, schema=schema)
+    with atomic_target(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def write_failures(dataset_dir: str | Path, shard: str, failures: list[Failure]) -> None:
+    """``failures/{shard}.parquet`` from failures in manifest order (written atomically, may be empty)."""
+    import pyarrow as pa
+
+    types = {"row": pa.int64(), "line": pa.int64()}
+    schema = pa.schema([(name, types.get(name, pa.string())) for name in FAILURE_COLUMNS])
+    columns = {name: [getattr(f, name) for f in failures] for name in FAILURE_COLUMNS}
+    _write_parquet(failures_path(dataset_dir, shard), columns, schema)
+
+
+def write_input_failures(dataset_dir: str | Path, failures: list[InputFailure]) -> None:
+    """``failures/input.parquet``, one row per rejected input row in table order (may be empty)."""
+    import pyarrow as pa
+
+    names = [f.name for f in fields(InputFailure)]
+    ints = {"row", "line", "collides_with_row", "collides_with_line"}
+    schema = pa.schema([(name, pa.int64() if name in ints else pa.string()) for name in names])
+    _write_parquet(input_failures_path(dataset_dir), {n: [getattr(f, n) for f in failures] for n in names}, schema)
+
+
+def read_input_failures(dataset_dir: str | Path) -> list[InputFailure]:
+    """The input rows rejected before shard assignment (empty for datasets made before the table existed)."""
+    import pyarrow.parquet as pq
+
+    path = input_failures_path(dataset_dir)
+    if not path.is_file():
+        return []
+    try:
+        data = pq.read_table(path).to_pylist()
+        return [InputFailure(**{f.name: item.get(f.name) for f in fields(InputFailure)}) for item in data]
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise ShardError(f"{path}: unreadable input failures table: {exc}") from exc
+
+
 def read_failures(dataset_dir: str | Path, shard: str) -> list[Failure]:
     """The rejected inputs of a shard (empty if it has no failures file yet)."""
     import pyarrow.parquet as pq
@@ -282,10 +352,7 @@ def read_failures(dataset_dir: str | Path, shard: str) -> list[Failure]:
     if not path.is_file():
         return []
     try:
-        data = pq.read_table(path).to_pydict()
-        return [
-            Failure(*values)
-            for values in zip(*(data[n] for n in ("key", "source_id", "reason", "message")), strict=True)
-        ]
+        data = pq.read_table(path).to_pylist()  # tables written before row/line were kept lack them
+        return [Failure(**{name: item.get(name) for name in FAILURE_COLUMNS}) for item in data]
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise ShardError(f"{path}: unreadable failures table: {exc}") from exc

@@ -57,9 +57,9 @@ def test_vggsound_real_clips_are_found_and_labelled():
 def test_headerless_vggsound_list(tmp_path):
     table = _write(tmp_path / "list.tsv", "0B4dYTMsgHA_000130\tchild speech, kid speaking\n\nF8Zt3mYlOqU_000094\t\n")
     clips, problems = read_clips(table, duration=8.0, check_files=False)
-    assert [c.source_id for c in clips] == ["0B4dYTMsgHA_000130", "F8Zt3mYlOqU_000094"]
-    # the blank line is no data row, but it does move the file line
-    assert [(p.row, p.line, p.kind) for p in problems] == [(2, 3, "bad_text")]
+    assert [(c.source_id, c.line) for c in clips] == [("0B4dYTMsgHA_000130", 1)]
+    # the blank line is no data row, but it does move the file line; an empty prompt is rejected
+    assert [(p.row, p.line, p.kind, p.id) for p in problems] == [(2, 3, "bad_text", "F8Zt3mYlOqU_000094")]
 
 
 def test_original_vggsound_csv_layout(tmp_path):
@@ -82,13 +82,14 @@ def test_csv_with_caption_path_start_duration_split(tmp_path):
     table = _write(
         tmp_path / "clips.csv",
         "id,caption,path,start,duration,split,notes\n"
-        'a,"a dog barks, twice",sub/a.mp4,1.5,4,train,whatever\n'
+        'a,"a dog barks, twice",sub/a.mp4,1.5,10,train,whatever\n'
         "b,rain on a roof,,,,val,\n",
     )
     clips, problems = read_clips(table, duration=8.0, media_root=media)
     assert problems == []
     a, b = clips
-    assert (a.text, a.path, a.start, a.duration, a.split) == ("a dog barks, twice", "sub/a.mp4", 1.5, 4.0, "train")
+    # a 10 s span is cut to the preset's 8 s from its start
+    assert (a.text, a.path, a.start, a.duration, a.split) == ("a dog barks, twice", "sub/a.mp4", 1.5, 8.0, "train")
     assert (b.text, b.path, b.start, b.duration, b.split) == ("rain on a roof", "b.mp4", 0.0, 8.0, "val")
 
 
@@ -104,7 +105,7 @@ def test_parquet_input(tmp_path):
     )
     pq.write_table(table, tmp_path / "clips.parquet")
     clips, problems = read_clips(tmp_path / "clips.parquet", duration=8.0, check_files=False)
-    assert [c.start for c in clips] == [0.0, 2.25, 0.0]
+    assert [c.start for c in clips] == [0.0]
     assert [(p.row, p.kind) for p in problems] == [(2, "bad_text"), (3, "bad_text")]
     assert problems[0].line is None
 
@@ -139,12 +140,15 @@ def test_validation_reports_rows(tmp_path):
     with pytest.raises(ManifestError, match="4 problem"):
         validate(table, duration=8.0, media_root=media, strict=True)
 
+    assert problems[2].collides_with_row == 1 and problems[2].collides_with_line == 2
+    assert [p.rejects for p in problems] == [True, False, True, True]
+
     rows, found = build_manifest(table, duration=8.0, seed=0, media_root=media)
     assert found == problems
-    # empty text and missing files stay (the job records them as failures); duplicates and bad rows go
-    assert sorted(r.row for r in rows) == [1, 2, 3, 6]
+    # missing files stay (the job records them as failures of their shard); rejected rows go
+    assert sorted(r.row for r in rows) == [1, 3, 6]
     by_row = {r.row: r for r in rows}
-    assert check_row(by_row[2], media).reason is RejectReason.BAD_TEXT
+    assert {r.row: r.line for r in rows} == {1: 2, 3: 4, 6: 7}
     assert check_row(by_row[3], media).reason is RejectReason.MISSING_FILE
     assert check_row(by_row[1], media) is None
 

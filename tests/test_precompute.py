@@ -21,7 +21,7 @@ from media_fixtures import make_clip
 
 from preprocessing.manifest import read_manifest
 from preprocessing.shard_reader import iter_shard
-from preprocessing.shards import done_and_missing, read_failures, read_marker
+from preprocessing.shards import done_and_missing, read_failures, read_input_failures, read_marker
 from selva_cli.main import main
 
 REAL = ["0B4dYTMsgHA_000130", "F8Zt3mYlOqU_000094"]
@@ -99,11 +99,14 @@ def test_every_good_clip_is_in_a_shard_and_every_bad_one_is_recorded(clean_run):
             assert sample.arrays["clip_text"].shape == (77, 64)
     assert set(written) == set(REAL + GOOD_SYNTHETIC)
     failures = {f.source_id: f for shard in done for f in read_failures(clean_run, shard)}
-    expected = {**EXPECTED_FAILURES, "empty_text": "bad_text"}
-    assert {k: f.reason for k, f in failures.items()} == expected
+    assert {k: f.reason for k, f in failures.items()} == EXPECTED_FAILURES
     for source_id, failure in failures.items():
         assert failure.message, source_id
+        assert (failure.row, failure.line) == (rows[failure.key].row, rows[failure.key].row + 1)  # header line 1
     assert len(rows) == len(written) + len(failures)
+    # the empty prompt never reached a shard: it is a recorded rejection of the input table
+    rejected = read_input_failures(clean_run)
+    assert [(f.source_id, f.reason, f.line) for f in rejected] == [("empty_text", "bad_text", len(rows) + 2)]
 
 
 def test_a_second_run_is_a_no_op_and_a_fresh_run_is_byte_identical(clean_run, inputs, tmp_path, capsys):

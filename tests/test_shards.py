@@ -106,7 +106,8 @@ def test_round_trip(tmp_path):
     assert marker.failures_by_reason == {"silent": 1} and marker.timings["decode"] == 1.5
     assert marker.fields["t5"] == {"dtype": "<f2", "shape": [-1, 16]}  # -1: the prompt's token count
     failed = rows[1]
-    expected = Failure(failed.key, failed.source_id, "silent", f"{failed.source_id}: peak 0")
+    # the row and line of the input table travel with the failure (the writer takes them from the manifest)
+    expected = Failure(failed.key, failed.source_id, "silent", f"{failed.source_id}: peak 0", failed.row, failed.line)
     assert read_failures(tmp_path, shard) == [expected]
 
     read = list(iter_shard(tmp_path, shard, verify_sha=True))

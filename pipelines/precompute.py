@@ -132,6 +132,12 @@ def prepare_dataset(cfg: PrecomputeConfig) -> tuple[list[ManifestRow], DatasetIn
         rows = read_manifest(manifest_path)
         if manifest_hash(rows) != info.manifest_hash:
             raise PrecomputeError(f"{manifest_path} does not match dataset.json's manifest_hash; was it edited?")
+        odd = [r for r in rows if r.duration != preset.duration]
+        if odd:  # manifests from before spans were cut to the preset: samples would not share shapes
+            raise PrecomputeError(
+                f"{manifest_path}: {len(odd)} clip(s) are not {preset.duration:g} s long (e.g. row {odd[0].row}: "
+                f"{odd[0].duration:g} s); it was made by an older version. Rebuild it with a new --out."
+            )
         return rows, info
 
     media_root = cfg.media_root or str(Path(cfg.input).resolve().parent)

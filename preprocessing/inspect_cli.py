@@ -1,9 +1,11 @@
 """``selva inspect PATH...``: what the decoder makes of media files, and dataset folders' state.
 
-For a media file it prints the container and streams, then decodes the clip exactly as precompute
-would for the chosen preset (``--start``/``--duration`` override the range) and prints ``ok`` or the
-rejection reason and message, so a user sees why a clip was rejected. A folder holding
-``dataset.json`` is a dataset: its summary (shards done, samples, failures by reason) is printed.
+For a media file it prints the container and streams (how the video is displayed when its display
+matrix rotates or mirrors it; cover art as an attached picture, which is never video), then decodes
+the clip exactly as precompute would for the chosen preset (``--start``/``--duration`` override the
+range) and prints ``ok`` or the rejection reason and message, so a user sees why a clip was
+rejected. A folder holding ``dataset.json`` is a dataset: its summary (shards done, samples,
+failures by reason) is printed.
 
 Exit status 0 whenever every path got an answer, whatever the verdicts; 1 if some path could not be
 inspected at all (an unexpected error), 2 for bad options.
@@ -45,12 +47,19 @@ def _size(num_bytes: int | None) -> str:
     return f"{num_bytes / 1e6:.2f} MB" if num_bytes >= 1e5 else f"{num_bytes} bytes"
 
 
-def describe_stream(stream: StreamInfo) -> str:
+def describe_stream(stream: StreamInfo, used: bool = True) -> str:
+    """One line per stream; video streams say how they are displayed (the display matrix, if any)."""
     dur = f", {stream.duration:.2f} s" if stream.duration is not None else ""
     if stream.kind == "video":
         fps = f", {stream.fps:.2f} fps" if stream.fps else ""
         frames = f", {stream.frames} frames" if stream.frames else ""
-        return f"video #{stream.index}: {stream.codec} {stream.width}x{stream.height}{fps}{frames}{dur}"
+        shown = ""
+        if stream.orientation is not None and (not stream.orientation.is_identity or stream.orientation.snapped):
+            shown = f", shown {stream.orientation.describe()}"
+        unused = "" if used else " (not used: another video stream is)"
+        return f"video #{stream.index}: {stream.codec} {stream.width}x{stream.height}{fps}{frames}{dur}{shown}{unused}"
+    if stream.kind == "attached_pic":
+        return f"attached picture #{stream.index}: {stream.codec} {stream.width}x{stream.height} (cover art, not video)"
     if stream.kind == "audio":
         return f"audio #{stream.index}: {stream.codec} {stream.sample_rate} Hz, {stream.channels} ch{dur}"
     return f"{stream.kind} #{stream.index}: {stream.codec}{dur}"
@@ -62,7 +71,7 @@ def _print_info(info: MediaInfo, out: Out) -> None:
     if not info.streams:
         out("  no streams")
     for stream in info.streams:
-        out(f"  {describe_stream(stream)}")
+        out(f"  {describe_stream(stream, used=stream.kind != 'video' or stream.index == info.video_index)}")
 
 
 def inspect_file(path: Path, *, start: float, duration: float, frame_size: int, out: Out = print) -> str:
@@ -77,7 +86,8 @@ def inspect_file(path: Path, *, start: float, duration: float, frame_size: int, 
     t, s = clip.frames.shape[:2]
     out(
         f"  result: ok ({t} frames {s}x{s} at {clip.fps} fps, {len(clip.audio)} samples at {clip.sample_rate} Hz, "
-        f"raw peak {clip.peak:.3f}, padded {clip.padded_frames} frames / {clip.padded_samples} samples)"
+        f"raw peak {clip.peak:.3f}, padded {clip.padded_frames} frames / {clip.padded_samples} samples, "
+        f"frames {clip.orientation.describe()})"
     )
     return "ok"
 

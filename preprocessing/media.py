@@ -9,25 +9,42 @@
 
 Rules (module constants, so tests and docs can name them):
 
+* time line: ``start`` counts from the container's start time (an MPEG-TS file's clock often starts
+  at 1.4 s, a program stream's at 0.5 s; mp4 edit lists are applied), in every container FFmpeg reads.
 * frame selection: output frame k shows the last source frame whose pts <= start + k/25 (+ 1 ms of
   tolerance for millisecond time bases): 30 -> 25 fps and variable frame rates alike.
+* orientation: a display matrix (phone clips) is applied as a player applies it: the frame comes out
+  rotated / mirrored, snapped to the nearest of the 8 axis-aligned orientations (rule and reasons in
+  :mod:`preprocessing.orientation`); ``DecodedClip.orientation`` and ``StreamInfo.orientation`` say which.
+* video stream: the first video stream that is not an attached picture (cover art in m4a/mp3, an
+  image attachment in mkv: FFmpeg's ``attached_pic`` disposition), a default-flagged one first. Cover
+  art is listed with kind ``attached_pic``; a file with nothing else is ``no_video``. A real video
+  stream that holds one still picture is ``too_short``, with a message that says so.
 * video padding: up to ``MAX_PADDED_FRAMES`` output frames that no source frame covers (before the
   first or after the last frame's end) repeat the nearest real frame; more is ``too_short``.
 * audio: samples are taken from [start, start + duration) only; the few samples ``num_audio_frames``
   adds beyond duration * 16000 (e.g. 256 for 10 s) are zeros. A stream that covers up to
   ``AUDIO_SHORTFALL_S`` less of the range is zero-padded (AAC priming and container trimming lose a
-  few 23 ms frames at the ends); more is ``too_short``.
+  few 23 ms frames at the ends); more is ``too_short``. Format changes mid-stream (48 kHz stereo then
+  44.1 kHz mono) and timestamp gaps are handled by :mod:`preprocessing.media_audio`: every part is
+  resampled to 16 kHz mono and placed by its timestamps.
 * silence: a raw peak <= ``SILENCE_PEAK`` is ``silent``.
 
 Every failure raises :class:`Rejected` with a typed reason and a message naming the file. Only the
-needed range is decoded (seek to the keyframe before ``start``, one demux pass over both streams,
-stop once both passed the end), and only the frames that are kept are scaled.
+needed range is decoded: seek to ``SEEK_BACKOFF_S[0]`` before ``start`` (the keyframe at or before
+it), one demux pass over both streams, stop once both passed the end; only the frames that are kept
+are scaled. A seek has landed well when the first decodable video frame (frames before the first
+keyframe after a seek are dropped: they are undecodable or grey garbage) is at or before ``start``
+and the audio begins ``AUDIO_PREROLL_S`` before it (decoder and resampler warm-up lies outside the
+range). Otherwise (MPEG-TS and program streams seek to any packet, not to keyframes; a bad index)
+the file is reopened with fresh decoders and the next, earlier seek of ``SEEK_BACKOFF_S`` is tried,
+then decoding from the top: the result equals decoding from the top and dropping what precedes
+``start``, while an hours-long file still costs a seek.
 """
 
 from __future__ import annotations
 
-import fractions
-import math
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,26 +54,28 @@ import av
 import numpy as np
 
 from preprocessing.errors import Rejected, RejectReason
+from preprocessing.media_audio import AUDIO_SHORTFALL_S, AudioCollector, place_audio
+from preprocessing.media_video import INTERPOLATION, MAX_PADDED_FRAMES, PTS_TOLERANCE_S, FramePicker, check_video
+from preprocessing.orientation import IDENTITY, Orientation, from_frame
 from selva.sequence import SequenceConfig
 
 TRAIN_PEAK = 0.95
 SILENCE_PEAK = 1e-6
-MAX_PADDED_FRAMES = 3
-AUDIO_SHORTFALL_S = 0.1
-PTS_TOLERANCE_S = 1e-3
-# swscale's bicubic is FFmpeg's ``scale`` default; at these downscale ratios it filters over the whole
-# source footprint, so no aliasing (unlike a plain bicubic kernel).
-INTERPOLATION = "BICUBIC"
+SEEK_BACKOFF_S = (0.5, 4.0, 30.0)  # seconds before start each seek aims at, in turn; then the top
+AUDIO_PREROLL_S = 0.1  # after a seek, audio must begin this long before start
 
 MediaSource = str | os.PathLike[str] | BinaryIO
 
-__all__ = ["DecodedClip", "MediaInfo", "StreamInfo", "decode_clip", "open_media", "probe"]
+__all__ = [
+    "AUDIO_SHORTFALL_S", "INTERPOLATION", "MAX_PADDED_FRAMES", "PTS_TOLERANCE_S", "DecodedClip", "MediaInfo",
+    "StreamInfo", "decode_clip", "open_media", "probe", "video_stream",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
 class StreamInfo:
     index: int
-    kind: str  # "video", "audio", "subtitle", "data", ...
+    kind: str  # "video", "audio", "attached_pic" (cover art: not video), "subtitle", "data", ...
     codec: str
     duration: float | None  # seconds, as the container states it
     width: int | None = None
@@ -65,6 +84,7 @@ class StreamInfo:
     frames: int | None = None
     sample_rate: int | None = None
     channels: int | None = None
+    orientation: Orientation | None = None  # video: from the first frame's display matrix (None: not read)
 
 
 @dataclass(frozen=True)
@@ -74,13 +94,17 @@ class MediaInfo:
     duration: float | None  # seconds
     size_bytes: int | None
     streams: tuple[StreamInfo, ...]
+    video_index: int | None = None  # the stream decode_clip takes frames from (see video_stream)
 
     def first(self, kind: str) -> StreamInfo | None:
         return next((s for s in self.streams if s.kind == kind), None)
 
     @property
     def video(self) -> StreamInfo | None:
-        return self.first("video")
+        """The stream decode_clip takes frames from; attached pictures (kind ``attached_pic``) never are."""
+        if self.video_index is None:
+            return None
+        return next(s for s in self.streams if s.index == self.video_index)
 
     @property
     def audio(self) -> StreamInfo | None:
@@ -90,12 +114,32 @@ class MediaInfo:
         kinds = [s.kind for s in self.streams]
         return "streams: " + (", ".join(kinds) if kinds else "none")
 
+    def with_orientation(self, index: int, orientation: Orientation) -> MediaInfo:
+        streams = tuple(
+            dataclasses.replace(s, orientation=orientation) if s.index == index else s for s in self.streams
+        )
+        return dataclasses.replace(self, streams=streams)
+
+
+def is_attached_picture(stream: av.stream.Stream) -> bool:
+    """Cover art and image attachments: FFmpeg lists them as one-picture video streams."""
+    return bool(stream.disposition & av.stream.Disposition.attached_pic)
+
+
+def video_stream(container: av.container.InputContainer) -> av.VideoStream | None:
+    """The video stream to decode: not an attached picture; a default-flagged one first."""
+    candidates = [s for s in container.streams.video if not is_attached_picture(s)]
+    default = [s for s in candidates if s.disposition & av.stream.Disposition.default]
+    return (default or candidates or [None])[0]
+
 
 def probe_container(container: av.container.InputContainer, name: str, size: int | None) -> MediaInfo:
     streams = []
+    chosen = video_stream(container)
     for s in container.streams:
         ctx = s.codec_context
-        common = dict(index=s.index, kind=s.type, codec=ctx.name if ctx is not None else "unknown")
+        kind = "attached_pic" if s.type == "video" and is_attached_picture(s) else s.type
+        common = dict(index=s.index, kind=kind, codec=ctx.name if ctx is not None else "unknown")
         common["duration"] = float(s.duration * s.time_base) if s.duration is not None and s.time_base else None
         if s.type == "video" and ctx is not None:
             rate = s.average_rate or s.guessed_rate
@@ -106,7 +150,7 @@ def probe_container(container: av.container.InputContainer, name: str, size: int
             extra = {}
         streams.append(StreamInfo(**common, **extra))
     duration = container.duration / av.time_base if container.duration is not None else None
-    return MediaInfo(name, container.format.name, duration, size, tuple(streams))
+    return MediaInfo(name, container.format.name, duration, size, tuple(streams), chosen.index if chosen else None)
 
 
 @dataclass
@@ -121,6 +165,7 @@ class DecodedClip:
     sample_rate: int
     padded_frames: int  # output frames filled by repeating a neighbour
     padded_samples: int  # audio samples inside [start, start + duration) filled with zeros
+    orientation: Orientation = IDENTITY  # display transform applied to the frames (of the first kept frame)
 
 
 def _name_of(source: MediaSource, name: str | None) -> str:
@@ -159,130 +204,38 @@ def open_media(source: MediaSource, name: str | None = None) -> tuple[av.contain
     return container, size
 
 
+def _first_orientation(container: av.container.InputContainer, stream: av.VideoStream) -> Orientation | None:
+    """The display orientation of the first decodable frame (None if none decodes in the first packets)."""
+    try:
+        for count, packet in enumerate(container.demux(stream)):
+            for frame in packet.decode():
+                return from_frame(frame)
+            if count > 300:
+                break
+    except av.FFmpegError:
+        pass
+    return None
+
+
 def probe(source: MediaSource, name: str | None = None) -> MediaInfo:
-    """Container and stream facts, without decoding; raises :class:`Rejected` if it cannot open."""
+    """Container and stream facts; raises :class:`Rejected` if it cannot open.
+
+    The only decoding is of the first video frame: FFmpeg exposes the display matrix on decoded
+    frames (PyAV has no stream side data), so that is where ``StreamInfo.orientation`` comes from.
+    """
     label = _name_of(source, name)
     container, size = open_media(source, label)
     with container:
-        return probe_container(container, label, size)
-
-
-class _FramePicker:
-    """Fills n output frames at times t0 + k/fps from source frames arriving in presentation order."""
-
-    def __init__(self, t0: float, n: int, fps: int, size: int, threads: int = 0) -> None:
-        self.targets = [t0 + k / fps for k in range(n)]
-        self.out = np.empty((n, size, size, 3), dtype=np.uint8)
-        self.size = size
-        self.k = 0  # next output index to fill
-        self.leading = 0  # outputs before the first source frame
-        self.prev: av.VideoFrame | None = None
-        self.prev_time = -np.inf
-        self.prev_written = -1  # output index that already holds ``prev`` (convert each frame once)
-        self.step = 1.0 / fps  # last seen frame interval: the fallback duration of the last frame
-        self.reformatter = av.video.reformatter.VideoReformatter()
-        self.threads = threads
-        self.stream_error: str | None = None  # a decode error that ended the stream early (damaged tail)
-
-    @property
-    def done(self) -> bool:
-        return self.k >= len(self.targets)
-
-    def _emit(self) -> None:
-        assert self.prev is not None
-        if self.prev_written >= 0:
-            self.out[self.k] = self.out[self.prev_written]
-        else:
-            rgb = self.reformatter.reformat(
-                self.prev, width=self.size, height=self.size, format="rgb24", interpolation=INTERPOLATION,
-                threads=self.threads,
-            )
-            self.out[self.k] = rgb.to_ndarray()
-            self.prev_written = self.k
-        self.k += 1
-
-    def push(self, frame: av.VideoFrame) -> None:
-        t = frame.time
-        if t is None or t <= self.prev_time:  # no timestamp or out of order: cannot be placed
-            return
-        while not self.done and self.targets[self.k] + PTS_TOLERANCE_S < t:
-            if self.prev is None:
-                self.leading += 1
-                self.k += 1
-            else:
-                self._emit()
-        if self.prev is not None:
-            self.step = t - self.prev_time
-        self.prev, self.prev_time, self.prev_written = frame, t, -1
-
-    def finish(self) -> None:
-        """At end of stream: the last frame covers its own duration, no further."""
-        if self.prev is None:
-            return
-        dur = self.prev.duration
-        tb = self.prev.time_base
-        length = float(dur * tb) if dur and tb else self.step
-        while not self.done and self.targets[self.k] + PTS_TOLERANCE_S < self.prev_time + length:
-            self._emit()
-
-    @property
-    def covered(self) -> int:
-        return self.k - self.leading
-
-
-class _AudioCollector:
-    """Resamples decoded audio to mono float32 at ``rate``, on a sample grid anchored at ``origin``.
-
-    After a seek the first decoded sample sits at an arbitrary source sample; resampling from there
-    would put every output sample a fraction of a sample off the grid of a decode from the top (a
-    0.1-sample shift is a ~0.03 error at 8 kHz). So the first frame is trimmed to the next source
-    sample that coincides with an output sample (every 441 source samples = 10 ms for 44.1 kHz).
-    """
-
-    def __init__(self, rate: int, origin: float) -> None:
-        self.rate = rate
-        self.origin = origin
-        self.resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-        self.chunks: list[np.ndarray] = []
-        self.first_time: float | None = None  # time of the first resampled sample
-
-    def _align(self, frame: av.AudioFrame) -> av.AudioFrame | None:
-        src_rate = frame.sample_rate
-        index = int(round((frame.time - self.origin) * src_rate))
-        skip = (-index) % (src_rate // math.gcd(src_rate, self.rate))
-        if skip >= frame.samples:
-            return None
-        if skip:
-            data = frame.to_ndarray()
-            planar = frame.format.is_planar
-            data = data[:, skip:] if planar else data[:, skip * len(frame.layout.channels) :]
-            trimmed = av.AudioFrame.from_ndarray(
-                np.ascontiguousarray(data), format=frame.format.name, layout=frame.layout.name
-            )
-            trimmed.sample_rate = src_rate
-            trimmed.time_base = fractions.Fraction(1, src_rate)
-            trimmed.pts = index + skip
-            frame = trimmed
-        self.first_time = self.origin + (index + skip) / src_rate
-        return frame
-
-    def push(self, frame: av.AudioFrame | None) -> None:
-        if frame is not None and self.first_time is None:
-            if frame.time is None:  # no timestamp: cannot be placed on the clip's time line
-                return
-            frame = self._align(frame)
-            if frame is None:
-                return
-        for out in self.resampler.resample(frame):
-            self.chunks.append(out.to_ndarray().reshape(-1))
-
-    def samples(self) -> np.ndarray:
-        return np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.float32)
+        info = probe_container(container, label, size)
+        stream = video_stream(container)
+        if stream is not None:
+            orientation = _first_orientation(container, stream)
+            if orientation is not None:
+                info = info.with_orientation(stream.index, orientation)
+        return info
 
 
 def _seek(container: av.container.InputContainer, stream: av.VideoStream, time: float) -> None:
-    if time <= 0 or stream.time_base is None:
-        return
     try:  # offset is in the stream's time base when a stream is given
         container.seek(int(time / stream.time_base), backward=True, stream=stream)
     except av.FFmpegError:
@@ -290,25 +243,34 @@ def _seek(container: av.container.InputContainer, stream: av.VideoStream, time: 
 
 
 def _decode_range(
-    container: av.container.InputContainer, origin: float, start: float, duration: float,
-    n_frames: int, fps: int, frame_size: int, sample_rate: int, seek: bool, threads: int = 0,
-) -> tuple[_FramePicker, _AudioCollector]:  # fmt: skip
-    vstream, astream = container.streams.best("video"), container.streams.best("audio")
+    container: av.container.InputContainer, origin: float, t0: float, t_end: float, n_frames: int, fps: int,
+    frame_size: int, sample_rate: int, seek_to: float | None, threads: int,
+) -> tuple[FramePicker, AudioCollector]:  # fmt: skip
+    """One pass over [t0, t_end) (container clock) on a freshly opened container; seeks to ``seek_to`` first."""
+    vstream, astream = video_stream(container), container.streams.best("audio")
     assert vstream is not None and astream is not None
     # Slice threads only: frame threading (AUTO) can deadlock in avcodec_free_context when a decode
-    # stops early and the container closes (seen in Ray workers; PyAV issues 909 and 367).
+    # stops early and the container closes (seen in Ray workers; PyAV issues 909 and 367). Set before
+    # the codec opens, hence a fresh container for every pass.
     vstream.thread_type = "SLICE"
     vstream.thread_count = threads  # 0: FFmpeg's automatic count; a one-CPU Ray worker asks for 1
-    t0, t_end = origin + start, origin + start + duration
-    if seek:
-        _seek(container, vstream, t0)
-    picker, audio = _FramePicker(t0, n_frames, fps, frame_size, threads), _AudioCollector(sample_rate, origin)
+    if seek_to is not None and vstream.time_base is not None:
+        _seek(container, vstream, seek_to)
+    picker = FramePicker(t0, n_frames, fps, frame_size, threads, need_key=seek_to is not None)
+    first_audio = astream.start_time * astream.time_base if astream.start_time is not None else None
+    audio = AudioCollector(
+        sample_rate, origin, float(first_audio) if first_audio is not None else None, astream.codec_context.frame_size
+    )
     audio_done = False
     try:
         for packet in container.demux(vstream, astream):
             if packet.stream is vstream:
                 if picker.done:
                     continue
+                if picker.need_key and picker.key_time is None and packet.is_keyframe:
+                    stamp = packet.pts if packet.pts is not None else packet.dts
+                    if stamp is not None:
+                        picker.key_time = float(stamp * packet.time_base)
                 for frame in packet.decode():
                     picker.push(frame)
             elif not audio_done:
@@ -327,43 +289,21 @@ def _decode_range(
     return picker, audio
 
 
-def _check_video(picker: _FramePicker, label: str, start: float, duration: float, info: MediaInfo) -> int:
-    n = len(picker.targets)
-    missing = n - picker.covered
-    if missing > MAX_PADDED_FRAMES or picker.covered == 0:
-        ends = f" (the file lasts {info.duration:.2f} s)" if info.duration else ""
-        if picker.stream_error:
-            ends += f"; decoding stopped early: {picker.stream_error}"
-        raise Rejected(
-            RejectReason.TOO_SHORT,
-            f"{label}: video has {picker.covered} frames from {start:.2f} s, {n} needed for {duration:g} s{ends}",
-        )
-    if picker.leading:
-        picker.out[: picker.leading] = picker.out[picker.leading]
-    if picker.k < n:
-        picker.out[picker.k :] = picker.out[picker.k - 1]
-    return missing
+def _landed(picker: FramePicker, audio: AudioCollector, t0: float) -> bool:
+    """Whether a pass that began with a seek saw everything a decode from the top would at t0."""
+    video_ok = picker.first_time is not None and picker.first_time <= t0 + PTS_TOLERANCE_S
+    audio_ok = audio.first_time is not None and audio.first_time <= t0 - AUDIO_PREROLL_S
+    return video_ok and audio_ok and picker.stream_error is None  # an error after a seek: try earlier
 
 
-def _trim_audio(
-    audio: _AudioCollector, label: str, origin: float, start: float, duration: float, total: int
-) -> tuple[np.ndarray, int]:
-    rate = audio.rate
-    want = int(round(duration * rate))
-    samples = audio.samples()
-    first = audio.first_time if audio.first_time is not None else origin + start
-    offset = int(round((origin + start - first) * rate))  # > 0: samples to drop; < 0: audio starts late
-    lead = max(-offset, 0)
-    body = samples[max(offset, 0) : max(offset, 0) + want - lead] if lead < want else samples[:0]
-    shortfall = want - len(body)
-    if shortfall > AUDIO_SHORTFALL_S * rate:
-        raise Rejected(
-            RejectReason.TOO_SHORT,
-            f"{label}: audio has {len(body) / rate:.2f} s from {start:.2f} s, {duration:g} s needed",
-        )
-    waveform = np.zeros(total, dtype=np.float32)
-    waveform[lead : lead + len(body)] = body
-    return waveform, shortfall
+def _reopen(source: MediaSource, label: str) -> av.container.InputContainer | None:
+    """A fresh container (fresh demuxer and decoders) on ``source``; None for an unseekable file object."""
+    if not isinstance(source, (str, os.PathLike)):
+        try:
+            source.seek(0)
+        except (AttributeError, OSError, ValueError):
+            return None
+    return open_media(source, label)[0]
 
 
 def decode_clip(
@@ -379,38 +319,57 @@ def decode_clip(
 ) -> DecodedClip:
     """Decode [start, start + duration) of ``source`` into sync frames and training audio.
 
-    Raises :class:`Rejected` (missing_file, undecodable, no_video, no_audio, too_short, silent).
-    ``threads`` caps FFmpeg's decode and scale threads (0: automatic, one per core); a worker that
-    owns one core should pass 1, or parallel workers oversubscribe the machine.
+    ``start`` and ``duration`` are seconds on the file's own time line, counted from the container's
+    start time. Raises :class:`Rejected` (missing_file, undecodable, no_video, no_audio, too_short,
+    silent). ``threads`` caps FFmpeg's decode and scale threads (0: automatic, one per core); a worker
+    that owns one core should pass 1, or parallel workers oversubscribe the machine.
     """
     if duration <= 0 or start < 0 or frame_size <= 0:
         raise ValueError(f"need duration > 0, start >= 0, frame_size > 0; got {duration}, {start}, {frame_size}")
     label = _name_of(source, name)
     seq = SequenceConfig(duration, sampling_rate=sample_rate, sync_frame_rate=fps)
+    container: av.container.InputContainer | None
     container, size = open_media(source, label)
-    with container:
+    try:
         info = probe_container(container, label, size)
-        if container.streams.best("video") is None:
+        if info.video is None:
             raise Rejected(RejectReason.NO_VIDEO, f"{label}: no video stream ({info.stream_summary()})")
         if container.streams.best("audio") is None:
             raise Rejected(RejectReason.NO_AUDIO, f"{label}: no audio stream ({info.stream_summary()})")
         origin = container.start_time / av.time_base if container.start_time is not None else 0.0
-        args = (origin, start, duration, seq.sync_num_frames, fps, frame_size, sample_rate)
-        try:
-            picker, audio = _decode_range(container, *args, seek=start > 0, threads=threads)
-            late_audio = audio.first_time is not None and audio.first_time > origin + start + PTS_TOLERANCE_S
-            if start > 0 and (picker.leading or late_audio):
-                # the seek landed after ``start`` (a bad index): decode again from the top
-                container.seek(0, backward=True)
-                picker, audio = _decode_range(container, *args, seek=False, threads=threads)
-        except av.FFmpegError as err:
-            raise Rejected(RejectReason.UNDECODABLE, f"{label}: decoding failed: {_ffmpeg_reason(err)}") from None
-    padded_frames = _check_video(picker, label, start, duration, info)
-    waveform, padded_samples = _trim_audio(audio, label, origin, start, duration, seq.num_audio_frames)
+        t0, t_end = origin + start, origin + start + duration
+        args = (origin, t0, t_end, seq.sync_num_frames, fps, frame_size, sample_rate)
+        tries: list[float | None] = [t0 - back for back in SEEK_BACKOFF_S if start > back]
+        result: tuple[FramePicker, AudioCollector] | None = None
+        error = "no pass decoded"
+        for attempt, seek_to in enumerate([*tries, None]):
+            if attempt:  # a decoder that has run cannot be reconfigured or trusted: start afresh
+                container.close()
+                container = None
+                container = _reopen(source, label)
+                if container is None:  # an unseekable file object: keep what the first pass found
+                    break
+            try:
+                result = _decode_range(container, *args, seek_to=seek_to, threads=threads)
+            except av.FFmpegError as err:  # after a seek: it landed on something undecodable, try earlier
+                result, error = None, _ffmpeg_reason(err)
+                continue
+            if seek_to is None or _landed(*result, t0):
+                break
+    finally:
+        if container is not None:
+            container.close()
+    if result is None:
+        raise Rejected(RejectReason.UNDECODABLE, f"{label}: decoding failed: {error}")
+    picker, audio = result
+    padded_frames = check_video(picker, label, start, duration, info.duration)
+    orientation = picker.orientation or IDENTITY
+    info = info.with_orientation(info.video.index, orientation)
+    waveform, padded_samples = place_audio(audio, label, t0, start, duration, seq.num_audio_frames)
     peak = float(np.max(np.abs(waveform)))
     if not peak > SILENCE_PEAK:  # also catches NaN
         raise Rejected(RejectReason.SILENT, f"{label}: audio is silent from {start:.2f} s (peak {peak:.2e})")
     waveform *= np.float32(TRAIN_PEAK / peak)
     return DecodedClip(
-        picker.out, waveform, peak, info, start, duration, fps, sample_rate, padded_frames, padded_samples
+        picker.out, waveform, peak, info, start, duration, fps, sample_rate, padded_frames, padded_samples, orientation
     )

@@ -8,7 +8,14 @@ import types
 from pathlib import Path
 
 import pytest
-from media_fixtures import make_clip, truncate_copy, write_text_as
+from media_fixtures import (
+    display_matrix,
+    make_clip,
+    make_cover_art_file,
+    make_oriented_clip,
+    truncate_copy,
+    write_text_as,
+)
 
 from preprocessing.inspect_cli import add_parser
 
@@ -71,6 +78,30 @@ def test_preset_and_range_overrides(tmp_path: Path) -> None:
     assert code == 0 and "ok (25 frames" in verdict_for(lines, clip)
     code, lines = run([str(clip), "--preset", "small_16k", "--duration", "2"])
     assert code == 0 and "ok (50 frames 224x224" in verdict_for(lines, clip)
+
+
+def test_inspect_shows_rotation_and_cover_art(tmp_path: Path) -> None:
+    phone = make_oriented_clip(tmp_path / "phone.mp4", display_matrix(90), seconds=2.5)
+    tilted = make_oriented_clip(tmp_path / "tilted.mov", display_matrix(-100), seconds=2.5)
+    plain = make_clip(tmp_path / "plain.mp4", seconds=2.5)
+    song = make_cover_art_file(tmp_path / "song.m4a")
+    both = make_cover_art_file(tmp_path / "both.mp4", video=True, cover_first=True)
+    code, lines = run([str(p) for p in (phone, tilted, plain, song, both)])
+    assert code == 0
+
+    def block(path: Path) -> list[str]:
+        start = lines.index(str(path))
+        end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("  result: "))
+        return lines[start : end + 1]
+
+    assert "video #0: h264 64x48, 25.00 fps" in block(phone)[2] and "shown rotated 90° clockwise" in block(phone)[2]
+    assert "frames rotated 90° clockwise)" in verdict_for(lines, phone)
+    assert "shown rotated 90° counter-clockwise (display matrix 260.0° clockwise, snapped" in block(tilted)[2]
+    assert not any("shown" in line for line in block(plain)) and "frames as coded)" in verdict_for(lines, plain)
+    assert "  attached picture #1: mjpeg 32x32 (cover art, not video)" in block(song)
+    assert verdict_for(lines, song).startswith("  result: no_video") and "attached_pic" in verdict_for(lines, song)
+    assert block(both)[2].startswith("  attached picture #0: mjpeg")
+    assert verdict_for(lines, both).startswith("  result: ok")
 
 
 def test_bad_options_exit_2(tmp_path: Path) -> None:

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 from media_fixtures import (
-    display_matrix,
     make_clip,
-    make_cover_art_file,
-    make_oriented_clip,
     truncate_copy,
     write_text_as,
+)
+from realworld_media import (
+    display_matrix,
+    make_cover_art_file,
+    make_oriented_clip,
 )
 
 from preprocessing.inspect_cli import add_parser

@@ -13,11 +13,13 @@ from media_fixtures import (
     decoded_real,
     frame_level,
     make_clip,
-    make_cover_art_file,
     nearest_frame,
     real_clips_dir,
     truncate_copy,
     write_text_as,
+)
+from realworld_media import (
+    make_cover_art_file,
 )
 
 from preprocessing.errors import Rejected, RejectReason

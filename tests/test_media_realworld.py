@@ -11,18 +11,20 @@ import av
 import numpy as np
 import pytest
 from media_fixtures import (
+    frame_level,
+    nearest_frame,
+)
+from realworld_media import (
     AUDIO_DELAY_S,
     BURST_HZ,
     BURST_S,
     display_matrix,
-    frame_level,
     make_cover_art_file,
     make_format_change_ts,
     make_oriented_clip,
     make_still_picture_clip,
     make_timeline_clip,
     marker_corners,
-    nearest_frame,
 )
 
 import preprocessing.media as media

@@ -14,16 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from media_fixtures import (
-    BURST_HZ,
-    display_matrix,
     frame_level,
     make_clip,
+    nearest_frame,
+)
+from realworld_media import (
+    BURST_HZ,
+    display_matrix,
     make_cover_art_file,
     make_format_change_ts,
     make_oriented_clip,
     make_timeline_clip,
     marker_corners,
-    nearest_frame,
 )
 
 from preprocessing.compact import decode_flac, decode_sync_mp4

@@ -8,7 +8,10 @@ yuv420p with no audio track. At CRF 20 the real 8 s clips take 21-41 KB at 64 px
 the round trip differs from the float32 input by at most half a quantisation step (2**-16).
 
 Both are produced and read in memory (bytes), and both are written bit-exact (no library version
-strings), so rerunning a shard with the same libraries gives the same bytes.
+strings), so rerunning a shard with the same libraries gives the same bytes; neither the
+RGB->yuv420p conversion nor x264 may pick an algorithm by CPU, so that this holds on other CPUs too
+(``SYNC_SWS_FLAGS``, ``SYNC_X264_PARAMS``; what was measured: docs/shard-format.md, "What identical
+means").
 
 Encoder: the PyAV 18.1 wheels bundle libx264, which is what ``video_encoder()`` finds here. Builds
 without it fall back to another H.264 encoder that actually opens, then to MPEG-4 part 2.
@@ -16,8 +19,13 @@ without it fall back to another H.264 encoder that actually opens, then to MPEG-
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import functools
 import io
+import sys
+from collections.abc import Iterator
 from fractions import Fraction
 
 import av
@@ -25,13 +33,31 @@ import numpy as np
 
 SYNC_CRF = 20
 SYNC_PRESET = "veryfast"
-# Small frames gain nothing from x264's threads, and precompute runs one encoder per worker anyway.
-# scenecut=0: with scene-cut detection on, x264 core 165 (PyAV 18.1) gave a different bitstream for
-# identical input planes in 1-10% of runs at 224 px (single thread, stress test under load); with it
-# off, no run differed. Shards must be byte-reproducible, and an 8 s clip with a cut is still coded
-# well: x264 intra-codes the changed macroblocks of the P-frame.
-SYNC_X264_PARAMS = "scenecut=0"
+# Small frames gain nothing from x264's threads, and precompute runs one encoder per worker anyway;
+# one thread also keeps x264 deterministic (no frame threads, no lookahead thread).
+# cpu-independent=1: x264 otherwise picks some algorithms by CPU (the 9-mode intra SATD/SA8D
+# searches that decide the intra modes, and the mbtree propagation, which uses approximate
+# reciprocals), so identical input planes can give another bitstream on another CPU. Measured with
+# x264 core 165 (PyAV 18.1): without it, plain C (asm=0) or an SSE2-only CPU mask changed the bytes
+# of every test clip (SSSE3 to AVX2 masks did not; AVX-512 and other vendors' reciprocals were not
+# tested); with it, no mask changed them, for 0.05-0.2% more bytes and no speed cost. Issue 9's
+# run-to-run difference on one machine was not reproduced (docs/benchmarks.md), so this is not
+# shown to be its cause. scenecut=0 is kept from an earlier fix (an 8 s clip with a cut is still
+# coded well: x264 intra-codes the changed macroblocks of the P-frame).
+SYNC_X264_PARAMS = "scenecut=0:cpu-independent=1"
 SYNC_THREADS = "1"
+# RGB -> yuv420p for the encoder: one thread, and swscale's exact path. The default fast
+# rgb24->yuv420p converter rounds differently in its SIMD and C versions (+-1 on 0.2-2.6% of the
+# values of the test clips), so its planes depend on the CPU (C on a CPU without MMXEXT/SSE2, or
+# another architecture's SIMD); ACCURATE_RND | BITEXACT makes every CPU compute what C computes.
+# threads=1 because PyAV's default (0: one thread per core, + 1) starts a thread pool per frame:
+# 2-7x slower at 64-224 px, and nothing left to chance.
+SYNC_SWS_FLAGS = (
+    av.video.reformatter.Interpolation.BILINEAR
+    | av.video.reformatter.Interpolation.ACCURATE_RND
+    | av.video.reformatter.Interpolation.BITEXACT
+)
+SYNC_SWS_THREADS = 1
 FLAC_SCALE = 32768.0  # s16 full scale
 _BITEXACT = {"fflags": "+bitexact"}
 
@@ -77,6 +103,48 @@ def video_encoder() -> str:
     raise RuntimeError(f"PyAV {av.__version__} has none of the video encoders {', '.join(_ENCODER_CANDIDATES)}")
 
 
+def _to_yuv420p(reformatter: av.video.reformatter.VideoReformatter, rgb: np.ndarray) -> av.VideoFrame:
+    """The encoder's input frame: the same planes on every run and every CPU (``SYNC_SWS_FLAGS``)."""
+    frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+    return reformatter.reformat(frame, format="yuv420p", interpolation=SYNC_SWS_FLAGS, threads=SYNC_SWS_THREADS)
+
+
+@functools.cache
+def _libm() -> ctypes.CDLL | None:
+    # FE_DFL_ENV is ((const fenv_t *) -1) in glibc and musl; other C libraries spell it otherwise
+    if not sys.platform.startswith("linux"):
+        return None
+    name = ctypes.util.find_library("m") or "libm.so.6"
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def default_float_env() -> Iterator[None]:
+    """Run the block in C's default floating-point environment (round to nearest, no flush-to-zero),
+    then give the caller's environment back.
+
+    x264's rate control computes each macroblock's QP in floating point and rounds it: the evidence
+    of issue 9 (same length, a few macroblocks' QP one step apart, identical decoded frames) is what
+    x264 writes for the same planes under another rounding mode, also with ``cpu-independent=1``.
+    The environment is per thread and any library in the worker may change it, so the encoder never
+    inherits it. No-op where the C library is unknown (not Linux).
+    """
+    libm = _libm()
+    if libm is None:
+        yield
+        return
+    saved = (ctypes.c_uint8 * 256)()  # fenv_t: 32 bytes on x86-64, 8 on aarch64; room to spare
+    libm.fegetenv(saved)
+    libm.fesetenv(ctypes.c_void_p(-1))
+    try:
+        yield
+    finally:
+        libm.fesetenv(saved)
+
+
 def encode_sync_mp4(frames: np.ndarray, fps: int = 25, *, crf: int = SYNC_CRF, preset: str = SYNC_PRESET) -> bytes:
     """Encode uint8 RGB frames (T, H, W, 3) as a video-only mp4 at ``fps``; H and W must be even."""
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
@@ -86,12 +154,13 @@ def encode_sync_mp4(frames: np.ndarray, fps: int = 25, *, crf: int = SYNC_CRF, p
         raise ValueError(f"yuv420p needs even frame sizes, got {width}x{height}")
     encoder = video_encoder()
     buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4", options=_BITEXACT) as out:
+    with default_float_env(), av.open(buf, mode="w", format="mp4", options=_BITEXACT) as out:
         stream = out.add_stream(encoder, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         _configure_encoder(stream.codec_context, crf, preset)
+        reformatter = av.video.reformatter.VideoReformatter()
         for i, rgb in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+            frame = _to_yuv420p(reformatter, rgb)
             frame.pts = i
             out.mux(stream.encode(frame))
         out.mux(stream.encode(None))
@@ -119,7 +188,8 @@ def encode_flac(audio: np.ndarray, sample_rate: int) -> bytes:
     # 1.0 itself is the one value s16 cannot hold; clipping it costs one quantisation step at most
     pcm = np.clip(np.round(audio.astype(np.float64) * FLAC_SCALE), -32768, 32767).astype(np.int16)
     buf = io.BytesIO()
-    with av.open(buf, mode="w", format="flac", options=_BITEXACT) as out:
+    # FFmpeg's FLAC encoder fits its LPC coefficients in double precision: pin the rounding mode too
+    with default_float_env(), av.open(buf, mode="w", format="flac", options=_BITEXACT) as out:
         stream = out.add_stream("flac", rate=sample_rate, layout="mono", format="s16")
         stream.codec_context.flags |= av.codec.context.Flags.bitexact
         frame = av.AudioFrame.from_ndarray(pcm[None, :], format="s16", layout="mono")

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import glob
+import hashlib
 import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import av
@@ -81,10 +86,106 @@ def test_sync_mp4_stream_layout(real_dir: Path) -> None:
     assert times == pytest.approx([i / 25 for i in range(30)])
 
 
-def test_sync_mp4_bytes_are_reproducible(real_dir: Path) -> None:
-    # a rerun of a shard must produce the same bytes (x264's scene-cut detection is off for this)
-    frames = decoded_real(CLIPS[1], 224).frames[:60]
-    assert encode_sync_mp4(frames) == encode_sync_mp4(frames)
+_ENCODE_IN_SUBPROCESS = """
+import hashlib, sys
+import numpy as np
+from preprocessing.compact import encode_sync_mp4
+print(hashlib.sha256(encode_sync_mp4(np.load(sys.argv[1]))).hexdigest())
+"""
+
+
+def test_sync_mp4_bytes_are_reproducible(real_dir: Path, tmp_path: Path) -> None:
+    # a rerun of a shard must produce the same bytes: in this process and in fresh ones
+    frames = decoded_real(CLIPS[1], 64).frames[:50]
+    data = encode_sync_mp4(frames)
+    assert encode_sync_mp4(frames) == data
+    np.save(tmp_path / "frames.npy", frames)
+    root = Path(__file__).resolve().parents[1]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _ENCODE_IN_SUBPROCESS, str(tmp_path / "frames.npy")],
+                         cwd=root, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    digests = [proc.communicate(timeout=60)[0].strip() for proc in procs]
+    assert digests == [hashlib.sha256(data).hexdigest()] * 2
+
+
+def _force_ffmpeg_cpu_flags(flags: int) -> None:
+    """``av_force_cpu_flags`` of the libavutil that PyAV loaded (0: no SIMD, -1: detect again)."""
+    libs = glob.glob(str(Path(av.__file__).parent.parent / "av.libs" / "libavutil*.so*"))
+    if not libs:
+        pytest.skip("PyAV's bundled libavutil not found (not a PyAV wheel)")
+    ctypes.CDLL(libs[0]).av_force_cpu_flags(flags)
+
+
+def test_sync_mp4_bytes_do_not_depend_on_the_cpu_code_path(real_dir: Path, monkeypatch) -> None:
+    # x264 picks some algorithms by CPU (intra mode search, mbtree) and swscale's fast rgb24->yuv420p
+    # rounds differently in SIMD and C, so the bytes depended on the code path (issue 9). Plain C
+    # everywhere (x264 asm=0, FFmpeg without SIMD) stands in for "another CPU": with the
+    # configuration before the fix (no cpu-independent, PyAV's default reformat) the bytes differ here.
+    from preprocessing import compact
+
+    if video_encoder() != "libx264":
+        pytest.skip("x264 options only")
+    frames = decoded_real(CLIPS[1], 64).frames[:50]
+    reference = encode_sync_mp4(frames)
+    monkeypatch.setattr(compact, "SYNC_X264_PARAMS", compact.SYNC_X264_PARAMS + ":asm=0")
+    _force_ffmpeg_cpu_flags(0)
+    try:
+        plain_c = encode_sync_mp4(frames)
+    finally:
+        _force_ffmpeg_cpu_flags(-1)
+    assert plain_c == reference
+
+
+# fesetround's constants: (down, up, toward zero) per machine
+_ROUNDING_MODES = {"x86_64": (0x400, 0x800, 0xC00), "aarch64": (0x800000, 0x400000, 0xC00000)}
+
+
+@pytest.mark.parametrize("mode_index", [0, 1, 2], ids=["down", "up", "toward_zero"])
+def test_encoded_bytes_do_not_depend_on_the_callers_rounding_mode(real_dir: Path, mode_index: int) -> None:
+    # x264 rounds each macroblock's QP from floating point: under another rounding mode the same planes
+    # gave issue 9's signature (same length, a few QPs one step apart, identical decoded frames), with
+    # or without cpu-independent. The encoders run in the default environment, whatever the caller set.
+    import platform
+
+    from preprocessing.compact import _libm
+
+    libm, modes = _libm(), _ROUNDING_MODES.get(platform.machine())
+    if libm is None or modes is None:
+        pytest.skip("rounding-mode constants known for Linux on x86-64 and aarch64 only")
+    frames = decoded_real(CLIPS[1], 64).frames[:50]
+    audio = decoded_real(CLIPS[1], 64).audio
+    video_ref, audio_ref = encode_sync_mp4(frames), encode_flac(audio, 16_000)
+    assert libm.fesetround(modes[mode_index]) == 0
+    try:
+        video, flac = encode_sync_mp4(frames), encode_flac(audio, 16_000)
+        assert libm.fegetround() == modes[mode_index]  # the caller's environment is given back
+    finally:
+        libm.fesetround(0)
+    assert video == video_ref and flac == audio_ref
+
+
+def test_sync_mp4_encoder_input_is_deterministic() -> None:
+    # the pinned causes: single-threaded, bit-exact RGB->yuv420p, and no CPU-dependent x264 algorithms
+    from av.video.reformatter import Interpolation
+
+    from preprocessing import compact
+
+    assert compact.SYNC_SWS_THREADS == 1
+    assert compact.SYNC_SWS_FLAGS & Interpolation.BITEXACT and compact.SYNC_SWS_FLAGS & Interpolation.ACCURATE_RND
+    assert "cpu-independent=1" in compact.SYNC_X264_PARAMS.split(":") and compact.SYNC_THREADS == "1"
+    # swscale's exact path: C and SIMD give the same planes (the default fast path does not)
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    reformatter = av.video.reformatter.VideoReformatter()
+    simd = compact._to_yuv420p(reformatter, rgb).to_ndarray()
+    _force_ffmpeg_cpu_flags(0)
+    try:
+        plain_c = compact._to_yuv420p(av.video.reformatter.VideoReformatter(), rgb).to_ndarray()
+    finally:
+        _force_ffmpeg_cpu_flags(-1)
+    np.testing.assert_array_equal(simd, plain_c)
 
 
 def test_sync_mp4_exact_frame_count_for_short_and_odd_lengths() -> None:

@@ -3,7 +3,8 @@
 The rules (docs/precompute.md, "Input table rules"), each a ``ManifestProblem.kind``:
 
 * ``bad_row``: the row cannot become a clip: a line that could not be split into cells (not UTF-8,
-  CSV quotes that do not close on the line), no id, more cells than the header, a start or duration
+  CSV quotes that do not close on the line), no id, a control character in the id or path, more
+  cells than the header, a start or duration
   that is not a finite number, a negative start, a non-positive duration, a split that is not a
   plain name;
 * ``bad_text``: the prompt is empty, not text, holds a control character, or has no visible
@@ -86,6 +87,11 @@ def milliseconds(value: float) -> float:
     return float(f"{value:.3f}") + 0.0
 
 
+def _control(text: str) -> str:
+    """The first control character of ``text`` ("" if none)."""
+    return next((c for c in text if unicodedata.category(c) == "Cc"), "")
+
+
 def _invisible(char: str) -> bool:
     return unicodedata.category(char)[0] not in VISIBLE
 
@@ -143,6 +149,8 @@ def judge_row(
         return reject("bad_row", item.problem)
     if not source_id:
         return reject("bad_row", "empty id")
+    if _control(source_id):  # ids become file names and log lines: a NUL or newline in one breaks both
+        return reject("bad_row", f"id holds the control character U+{ord(_control(source_id)):04X}")
     if item.extra_cells:
         # a stray tab/comma inside a text field: which cell is the prompt is a guess, so do not guess
         return reject("bad_row", f"{item.extra_cells} more cell(s) than the header")
@@ -167,6 +175,8 @@ def judge_row(
         return reject("too_short", f"span of {span_s:g} s is shorter than the preset's {clip_length:g} s clip")
     raw_path = values.get("path")
     path = str(raw_path).strip() if raw_path is not None and str(raw_path).strip() else f"{source_id}.mp4"
+    if _control(path):
+        return reject("bad_row", f"path holds the control character U+{ord(_control(path)):04X}")
     start = milliseconds(start)
     key = clip_key(source_id, start, clip_length)
     return ClipRow(key, source_id, path, start, clip_length, text, split, item.row, item.line), None

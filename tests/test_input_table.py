@@ -149,15 +149,16 @@ def test_duplicates_name_the_row_they_collide_with(tmp_path):
 
 def test_parquet_rows_are_judged_the_same_way(tmp_path):
     pq.write_table(
-        pa.table({"id": ["a", "b", None, "d"], "caption": ["dog", "\u200b", "cat", "cow"],
-                  "duration": [10.0, 8.0, 8.0, 2.0]}),
+        pa.table({"id": ["a", "b", None, "d", "e\x00vil", "f"], "caption": ["dog", "\u200b", "cat", "cow", "x", "y"],
+                  "path": [None, None, None, None, None, "f\n.mp4"], "duration": [10.0, 8.0, 8.0, 2.0, 8.0, 8.0]}),
         tmp_path / "t.parquet",
     )
     clips, problems = _judge(tmp_path / "t.parquet")
     assert {k: c.duration for k, c in clips.items()} == {"a": 8.0}
     assert {r: (p.kind, p.line) for r, p in problems.items()} == {
-        2: ("bad_text", None), 3: ("bad_row", None), 4: ("too_short", None),
+        2: ("bad_text", None), 3: ("bad_row", None), 4: ("too_short", None), 5: ("bad_row", None), 6: ("bad_row", None),
     }
+    assert "U+0000" in problems[5].message and "path holds the control character U+000A" in problems[6].message
 
 
 def _mixed_table(tmp_path: Path) -> Path:

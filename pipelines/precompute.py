@@ -153,6 +153,8 @@ def prepare_dataset(cfg: PrecomputeConfig) -> tuple[list[ManifestRow], DatasetIn
     out.mkdir(parents=True, exist_ok=True)
     write_input_failures(out, [_input_failure(p) for p in rejected])
     total = len(rows) + len(rejected)  # every row is a clip or a rejection
+    if total == 0:
+        raise PrecomputeError(f"{cfg.input}: the table has no data rows (only a header or blank lines)")
     by_reason = dict(sorted(Counter(p.kind for p in rejected).items()))
     if rejected:
         print(f"{len(rejected)} of {total} input rows rejected ({by_reason}); recorded in {input_failures_path(out)}")
@@ -162,6 +164,8 @@ def prepare_dataset(cfg: PrecomputeConfig) -> tuple[list[ManifestRow], DatasetIn
             f"{by_reason}; see {input_failures_path(out)} (`selva inspect {out}`). Is it the right table and "
             f"text column? Fix the table, or pass --max-failed-fraction to accept it."
         )
+    if not rows:
+        print(f"warning: no clip is left of {cfg.input}: all {total} rows were rejected; the dataset is empty")
     write_manifest(rows, manifest_path)
     seq = SequenceConfig(preset.duration)
     shards = Counter(split for _shard, split in {(r.shard, r.split) for r in rows})

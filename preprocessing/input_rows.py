@@ -8,7 +8,9 @@ The rules (docs/precompute.md, "Input table rules"), each a ``ManifestProblem.ki
   that is not a finite number, a negative start, a non-positive duration, a split that is not a
   plain name;
 * ``bad_text``: the prompt is empty, not text, holds a control character, or has no visible
-  character (a caption made only of zero-width spaces, joiners, bidi marks, ... is no prompt);
+  character (a caption made only of zero-width spaces, joiners, bidi marks, Hangul fillers, blank
+  Braille, lone combining marks ... is no prompt); blank characters are trimmed from both ends,
+  combining marks never (they belong to the character before them);
 * ``too_short``: the row's span (its ``duration`` cell) is shorter than the preset's clip. A longer
   span is cut to the preset's length from its start, as VGGSound's 10 s clips are for the 8 s preset;
   every clip of a dataset has the preset's duration, so every sample has the shapes of dataset.json;
@@ -34,7 +36,11 @@ from preprocessing.input_table import InputTable, TableRow
 
 SPLIT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*$")  # becomes part of file names: keep it plain
 KEY_HEX_DIGITS = 16
+NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^[+-]?(inf|nan)$", re.ASCII | re.IGNORECASE)
 VISIBLE = ("L", "N", "P", "S")  # Unicode major categories that put ink on the page
+# letters and symbols that render as nothing (Hangul fillers, the blank Braille pattern): Unicode
+# lists the fillers as default-ignorable; all of them are used to fake "non-empty" text
+BLANK_GLYPHS = frozenset({0x115F, 0x1160, 0x3164, 0xFFA0, 0x2800})
 REJECTING = ("bad_row", "bad_text", "too_short", "duplicate")  # kinds that keep a row out of the manifest
 
 
@@ -92,30 +98,38 @@ def _control(text: str) -> str:
     return next((c for c in text if unicodedata.category(c) == "Cc"), "")
 
 
-def _invisible(char: str) -> bool:
-    return unicodedata.category(char)[0] not in VISIBLE
+def _blank(char: str) -> bool:
+    """Renders as nothing: separators (spaces), format characters (zero-width, bidi, BOM) and the
+    letters/symbols that are blank by design. Combining marks are not blank: they belong to the
+    character before them (a Devanagari vowel sign, an emoji's variation selector)."""
+    return unicodedata.category(char)[0] == "Z" or unicodedata.category(char) == "Cf" or ord(char) in BLANK_GLYPHS
+
+
+def _visible(char: str) -> bool:
+    return unicodedata.category(char)[0] in VISIBLE and ord(char) not in BLANK_GLYPHS
 
 
 def prompt_text(value: Any) -> tuple[str, str | None]:
-    """(prompt, None) for a usable prompt, else ("", what is wrong). Invisible characters (spaces,
-    format characters such as U+200B) are stripped from both ends; inside, they are kept as written."""
+    """(prompt, None) for a usable prompt, else ("", what is wrong). Blank characters (spaces,
+    format characters such as U+200B, fillers such as U+3164) are stripped from both ends; inside,
+    everything is kept as written."""
     if value is None:
         return "", "is empty"
     if not isinstance(value, str):
         return "", f"is not text ({value!r})"
     start, end = 0, len(value)
-    while start < end and _invisible(value[start]) and unicodedata.category(value[start]) != "Cc":
+    while start < end and (_blank(value[start]) or value[start].isspace()):
         start += 1
-    while end > start and _invisible(value[end - 1]) and unicodedata.category(value[end - 1]) != "Cc":
+    while end > start and (_blank(value[end - 1]) or value[end - 1].isspace()):
         end -= 1
-    text = value[start:end].strip()
+    text = value[start:end]
     if not text:
         shown = ", ".join(dict.fromkeys(f"U+{ord(c):04X}" for c in value)) if value else ""
         return "", "is empty" + (f" (only invisible characters: {shown[:60]})" if shown and value.strip() else "")
     control = next((c for c in text if unicodedata.category(c) == "Cc"), None)
     if control is not None:
         return "", f"holds the control character U+{ord(control):04X}"
-    if not any(not _invisible(c) for c in text):
+    if not any(_visible(c) for c in text):
         return "", "has no visible character"
     return text, None
 
@@ -123,8 +137,8 @@ def prompt_text(value: Any) -> tuple[str, str | None]:
 def _number(value: Any, default: float, name: str) -> float:
     if value is None or (isinstance(value, str) and not value.strip()):
         return default
-    if isinstance(value, bool):
-        raise ValueError(f"{name} {value!r} is not a number")
+    if isinstance(value, bool) or (isinstance(value, str) and not NUMBER.match(value.strip())):
+        raise ValueError(f"{name} {value!r} is not a number")  # float() also takes "1_0", "١", "２"
     try:
         number = float(value)
     except (TypeError, ValueError):

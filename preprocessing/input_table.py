@@ -24,7 +24,9 @@ tell an empty cell from a missing one and a number from a text.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,96 +111,166 @@ def _vggsound_csv_row(cells: list[str]) -> dict[str, Any] | None:
     return {"id": f"{ytid}_{int(start):06d}", "label": label, "split": split}
 
 
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+MAX_CONTINUATION_LINES = 10  # a CSV quoted field may span at most this many more lines
+LAYOUT_SAMPLE = 100  # headerless tables: the layout is the most common width of the first rows
+
+
 def _physical_lines(data: bytes) -> list[bytes]:
-    """Split on LF (CRLF's CR is dropped); a file with only CRs (old Mac) splits on CR."""
-    if b"\n" not in data and b"\r" in data:
-        return data.split(b"\r")
-    return [line[:-1] if line.endswith(b"\r") else line for line in data.split(b"\n")]
+    """Universal line ends: LF, CRLF and a lone CR all end a line (no prompt holds a line break)."""
+    return _LINE_END.split(data)
 
 
 def _cells(text: str, fmt: str) -> list[str]:
     """One line's cells. TSV is literal: a quote is a character like any other (no CSV quoting), so
-    an unbalanced quote in a caption cannot swallow the rows after it. CSV follows RFC 4180 within
-    the line; a quoted field may not run past its line (prompts have no line breaks)."""
+    an unbalanced quote in a caption cannot swallow the rows after it. CSV follows RFC 4180."""
     if fmt == "tsv":
         return text.split("\t")
     try:
         return next(csv.reader([text], strict=True))
     except csv.Error as exc:
-        raise ValueError(f"CSV quoting: {exc} (a quoted field must close on its own line)") from None
+        raise ValueError(f"CSV quoting: {exc}") from None
+
+
+@dataclass
+class _Line:
+    number: int
+    text: str | None  # None: not UTF-8
+    problem: str | None = None
+    guessed_id: str = ""  # the first cell of an unreadable line, where it is clean
+
+
+def _decode_lines(data: bytes, fmt: str) -> list[_Line]:
+    lines = []
+    for number, raw in enumerate(_physical_lines(data), start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            first = raw.decode("utf-8", errors="replace").split("\t" if fmt == "tsv" else ",")[0].strip()
+            why = f"not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
+            lines.append(_Line(number, None, why, "" if "\ufffd" in first else first))
+            continue
+        if text.strip():  # blank lines are not data rows (they still move the line count)
+            lines.append(_Line(number, text))
+    return lines
+
+
+def _records(lines: list[_Line], fmt: str, width: int) -> list[tuple[int, list[str] | None, str | None, str]]:
+    """(line, cells or None, problem, guessed id) per row. In CSV a quoted field may continue on the
+    next lines (RFC 4180; pandas writes such captions) only if the lines it takes could not be rows
+    of ``width`` cells themselves and the record closes with exactly ``width`` cells; otherwise the
+    line is one rejected row and the next line is read on its own. Line breaks in a field become
+    spaces (a prompt is one line)."""
+    out: list[tuple[int, list[str] | None, str | None, str]] = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        i += 1
+        if line.text is None:
+            out.append((line.number, None, line.problem, line.guessed_id))
+            continue
+        try:
+            out.append((line.number, _cells(line.text, fmt), None, ""))
+            continue
+        except ValueError as exc:
+            problem = str(exc)
+        joined, accepted = line.text, False
+        for taken, nxt in enumerate(lines[i : i + MAX_CONTINUATION_LINES], start=1):
+            if nxt.text is None or _is_row(nxt.text, fmt, width):
+                break
+            joined += "\n" + nxt.text
+            try:
+                cells = next(csv.reader([joined], strict=True))
+            except csv.Error:
+                continue  # the field is still open (or broken): try one more line
+            if len(cells) == width:
+                out.append((line.number, [c.replace("\n", " ") for c in cells], None, ""))
+                i += taken
+                accepted = True
+            break  # the record closed: more lines would be rows of their own
+        if not accepted:
+            guess = line.text.split(",")[0].strip().strip('"')
+            why = "a quoted field must close on its line, or on lines that are no rows themselves"
+            out.append((line.number, None, f"{problem} ({why})", guess))
+    return out
+
+
+def _is_row(text: str, fmt: str, width: int) -> bool:
+    try:
+        return len(_cells(text, fmt)) == width
+    except ValueError:
+        return False
+
+
+def _layout_width(lines: list[_Line], fmt: str) -> int:
+    widths: dict[int, int] = {}
+    for line in lines[:LAYOUT_SAMPLE]:
+        if line.text is not None:
+            with contextlib.suppress(ValueError):
+                n = len(_cells(line.text, fmt))
+                widths[n] = widths.get(n, 0) + 1
+    return max(widths, key=lambda n: (widths[n], -n)) if widths else 0
 
 
 def _read_text(path: Path, fmt: str, text_column: str | None) -> InputTable:
     data = path.read_bytes()
     if data.startswith(b"\xef\xbb\xbf"):  # the byte-order mark spreadsheet programs put in front
         data = data[3:]
-    # (line number, cells or None, problem): each physical line on its own, so one damaged line
-    # (bad bytes, broken quoting) is one rejected row and never takes its neighbours with it
-    records: list[tuple[int, list[str] | None, str | None]] = []
-    for number, raw in enumerate(_physical_lines(data), start=1):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            if not records:
-                raise ManifestError(f"{path}: line {number}: not UTF-8 text: {exc}") from None
-            records.append((number, None, f"not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"))
-            continue
-        if not text.strip():
-            continue  # blank lines are not data rows (they still move the line count)
-        try:
-            records.append((number, _cells(text, fmt), None))
-        except ValueError as exc:
-            if not records:
-                raise ManifestError(f"{path}: line {number} (the header): {exc}") from None
-            records.append((number, None, str(exc)))
-    if not records:
+    lines = _decode_lines(data, fmt)
+    if not lines:
         raise ManifestError(f"{path}: the table is empty")
-
-    header_line, first, _ = records[0]
-    assert first is not None
-    header = [c.strip().lower() for c in first]
+    first = lines[0]
+    header: list[str] = []
+    if first.text is not None:
+        with contextlib.suppress(ValueError):
+            header = [c.strip().lower() for c in _cells(first.text, fmt)]
     if "id" in header:
         columns = [c for c in KNOWN_COLUMNS if c in header]
         index = {c: header.index(c) for c in columns}
         text = _choose_text_column(columns, text_column, path)
         rows = []
-        for n, (line, cells, problem) in enumerate(records[1:], start=1):
+        for n, (line, cells, problem, guess) in enumerate(_records(lines[1:], fmt, len(header)), start=1):
             if cells is None:
-                rows.append(TableRow(n, line, {}, problem=problem))
+                rows.append(TableRow(n, line, {"id": guess}, problem=problem))
                 continue
             values = {c: (cells[i] if i < len(cells) else None) for c, i in index.items()}
             rows.append(TableRow(n, line, values, max(0, len(cells) - len(header))))
         return InputTable(path, "header", text, tuple(columns), rows)
 
-    width = len(first)
+    # no header: the layout is what most of the first rows look like, so one damaged first line is
+    # one rejected row, not a rejected table
+    width = _layout_width(lines, fmt)
+    records = _records(lines, fmt, width)
     if width == 2:
         rows = []
-        for n, (line, cells, problem) in enumerate(records, start=1):
+        for n, (line, cells, problem, guess) in enumerate(records, start=1):
             if cells is None:
-                rows.append(TableRow(n, line, {}, problem=problem))
+                rows.append(TableRow(n, line, {"id": guess}, problem=problem))
             else:
                 label = cells[1] if len(cells) > 1 else None
                 rows.append(TableRow(n, line, {"id": cells[0], "label": label}, max(0, len(cells) - 2)))
         return InputTable(
             path, "id-label", _choose_text_column(["id", "label"], text_column, path), ("id", "label"), rows
         )
-    if width == 4 and _vggsound_csv_row(first) is not None:
+    good = [cells for _, cells, _, _ in records[:LAYOUT_SAMPLE] if cells is not None and len(cells) == 4]
+    if width == 4 and any(_vggsound_csv_row(cells) is not None for cells in good):
         rows = []
-        for n, (line, cells, problem) in enumerate(records, start=1):
+        for n, (line, cells, problem, guess) in enumerate(records, start=1):
             if cells is None:
-                rows.append(TableRow(n, line, {}, problem=problem))
+                rows.append(TableRow(n, line, {"id": guess}, problem=problem))
                 continue
             values = _vggsound_csv_row(cells) if len(cells) == 4 else None
             if values is None:
                 why = f"{len(cells)} cells, 4 expected" if len(cells) != 4 else "start_seconds is not an integer"
-                rows.append(TableRow(n, line, {}, problem=f"not a vggsound.csv row: {why}"))
+                rows.append(TableRow(n, line, {"id": cells[0].strip()}, problem=f"not a vggsound.csv row: {why}"))
             else:
                 rows.append(TableRow(n, line, values))
         columns = ("id", "label", "split")
         return InputTable(path, "vggsound-csv", _choose_text_column(list(columns), text_column, path), columns, rows)
     raise ManifestError(
-        f"{path}: line {header_line}: the first row has no 'id' column and {width} cells; give a header row "
-        f"(id, caption|label|text, optional path, start, duration, split) or use VGGSound's id<TAB>label layout"
+        f"{path}: line {first.number}: no 'id' column in the first row, and most rows have {width} cells; give a "
+        f"header row (id, caption|label|text, optional path, start, duration, split) or use VGGSound's "
+        f"id<TAB>label layout"
     )
 
 

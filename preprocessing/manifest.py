@@ -127,7 +127,9 @@ def read_clips(
     for item in table.rows:
         clip, problem = judge_row(item, table, duration, default_split)
         if clip is not None:
-            resolved = os.path.normpath(resolve_media_path(clip.path, root))
+            # absolute and normalised, so "a.mp4", "./a.mp4" and "/media/a.mp4" are one file (symlinks
+            # are not followed: that would cost a stat per row on a network file system)
+            resolved = os.path.abspath(resolve_media_path(clip.path, root))
             problem = collisions.check(clip, resolved)
         if problem is not None:
             problems.append(problem)

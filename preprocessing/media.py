@@ -237,8 +237,9 @@ def probe(source: MediaSource, name: str | None = None) -> MediaInfo:
 
 def _seek(container: av.container.InputContainer, stream: av.VideoStream, time: float) -> None:
     try:  # offset is in the stream's time base when a stream is given
-        container.seek(int(time / stream.time_base), backward=True, stream=stream)
-    except av.FFmpegError:
+        # clamped: a start far past any file (1e15 s) must not overflow FFmpeg's int64 timestamps
+        container.seek(min(int(time / stream.time_base), 2**62), backward=True, stream=stream)
+    except (av.FFmpegError, OverflowError):
         container.seek(0, backward=True)  # unseekable: decode from the top, the range logic still holds
 
 

@@ -64,7 +64,8 @@ def test_csv_quotes_close_on_their_line_or_the_row_is_rejected(tmp_path, suffix)
 
 INVISIBLE = [
     "\u200b", "\u200c\u200d", "\u2060", "\ufeff", "\u00ad", "\u200e\u200f", "\u202a\u202c", "\u2066\u2069",
-    "\u00a0", "\u3000", " \u200b \t", "\u0301", "\ufe0f", "\u180e",
+    "\u00a0", "\u3000", " \u200b \t", "\u0301", "\ufe0f", "\u180e", "\u3164", "\u115f\u1160", "\uffa0",
+    "\u2800\u2800", "\u2028", "\u2029",
 ]
 
 
@@ -77,7 +78,10 @@ def test_invisible_prompts_are_rejected(caption):
 @pytest.mark.parametrize(
     ("raw", "kept"),
     [("dog", "dog"), ("\u200bdog barks\u200b", "dog barks"), ("\ufeffrain", "rain"), ("犬が吠える", "犬が吠える"),
-     ("🐕", "🐕"), ("42", "42"), ("a\u200bb", "a\u200bb"), ("\u00a0piano\u00a0", "piano")],
+     ("🐕", "🐕"), ("42", "42"), ("a\u200bb", "a\u200bb"), ("\u00a0piano\u00a0", "piano"),
+     # combining marks belong to the character before them: never trimmed
+     ("कुत्ता भौंकता है", "कुत्ता भौंकता है"), ("un cafe\u0301", "un cafe\u0301"), ("❤\ufe0f", "❤\ufe0f"),
+     ("keycap 1\ufe0f\u20e3", "keycap 1\ufe0f\u20e3"), ("\u3164dog\u3164", "dog")],
 )
 def test_visible_prompts_are_kept_with_invisible_ends_stripped(raw, kept):
     assert prompt_text(raw) == (kept, None)
@@ -115,6 +119,39 @@ def test_spans_are_cut_to_the_preset_or_rejected(tmp_path):
     assert "7.999 s is shorter than the preset's 8 s" in problems[4].message
 
 
+def test_csv_captions_may_span_lines_only_over_lines_that_are_no_rows(tmp_path):
+    # pandas writes a caption with a line break as a quoted field over two lines: one row, one line
+    pandas_style = _table(
+        tmp_path / "p.csv", 'id,path,start,caption\nml,a.mp4,1.0,"a dog\nbarking loudly, then quiet"\nb,b.mp4,0,cat\n'
+    )
+    clips, problems = _judge(pandas_style)
+    assert problems == {} and {k: (c.text, c.line) for k, c in clips.items()} == {
+        "ml": ("a dog barking loudly, then quiet", 2), "b": ("cat", 4),
+    }
+    # an open quote whose closing quote is on a line that is a row itself swallows nothing
+    swallow = _table(tmp_path / "s.csv", 'id,caption\na,"open quote\nb,birds"\nc,cow\n')
+    clips, problems = _judge(swallow)
+    assert {k: c.text for k, c in clips.items()} == {"b": 'birds"', "c": "cow"}
+    assert {r: (p.kind, p.id, p.line) for r, p in problems.items()} == {1: ("bad_row", "a", 2)}
+
+
+def test_headerless_lists_survive_a_damaged_first_line(tmp_path):
+    extra = _table(tmp_path / "a.tsv", "aaa\tdog\textra\nbbb\tcat\nccc\tcow\n")
+    clips, problems = _judge(extra)
+    assert {k: c.text for k, c in clips.items()} == {"bbb": "cat", "ccc": "cow"}
+    assert {r: (p.kind, p.id) for r, p in problems.items()} == {1: ("bad_row", "aaa")}
+    bad_bytes = _table(tmp_path / "b.tsv", b"aaa\tcaf\xe9\nbbb\tcat\nccc\tcow\n")
+    clips, problems = _judge(bad_bytes)
+    assert list(clips) == ["bbb", "ccc"] and {r: (p.kind, p.id) for r, p in problems.items()} == {1: ("bad_row", "aaa")}
+
+
+def test_numbers_are_plain_ascii_decimals(tmp_path):
+    table = _table(tmp_path / "t.tsv", "id\tlabel\tstart\na\tdog\t1_0\nb\tcat\t\u0661\nc\tcow\t\uff12\nd\tpig\t1e0\n")
+    clips, problems = _judge(table)
+    assert {k: c.start for k, c in clips.items()} == {"d": 1.0}
+    assert {r: p.kind for r, p in problems.items()} == {1: "bad_row", 2: "bad_row", 3: "bad_row"}
+
+
 def test_bad_bytes_and_line_endings(tmp_path):
     crlf = _table(tmp_path / "crlf.tsv", b"id\tlabel\r\na\tdog\r\nb\tca\xfft\r\nc\tcow\r\n")
     clips, problems = _judge(crlf)
@@ -123,6 +160,12 @@ def test_bad_bytes_and_line_endings(tmp_path):
     old_mac = _table(tmp_path / "cr.tsv", b"\xef\xbb\xbfid\tlabel\ra\tdog\rb\tcat\r")
     clips, problems = _judge(old_mac)
     assert problems == {} and {k: c.text for k, c in clips.items()} == {"a": "dog", "b": "cat"}
+    # a lone CR inside an LF file, and CR line ends with one CRLF at the end: every line ending counts
+    mixed = _table(tmp_path / "mixed.tsv", b"id\tlabel\na\tdog\rb\tcat\nc\tcow\r\nd\tpig\r")
+    clips, problems = _judge(mixed)
+    assert problems == {} and {k: (c.text, c.line) for k, c in clips.items()} == {
+        "a": ("dog", 2), "b": ("cat", 3), "c": ("cow", 4), "d": ("pig", 5),
+    }
 
 
 def test_duplicates_name_the_row_they_collide_with(tmp_path):
@@ -188,7 +231,7 @@ def test_prepare_dataset_records_every_rejected_row(tmp_path, capsys):
     assert json.loads((out / "dataset.json").read_text())["input_rows"]["rejected"] == 5
     failures = read_input_failures(out)
     assert [(f.row, f.line, f.source_id, f.reason) for f in failures] == [
-        (3, 4, "s", "bad_text"), (4, 5, "t", "too_short"), (5, 6, "q", "duplicate"), (6, 7, "", "bad_row"),
+        (3, 4, "s", "bad_text"), (4, 5, "t", "too_short"), (5, 6, "q", "duplicate"), (6, 7, "u", "bad_row"),
         (7, 8, "v", "bad_row"),
     ]
     assert (failures[2].collides_with_row, failures[2].collides_with_line) == (1, 2)
@@ -209,3 +252,10 @@ def test_a_table_over_the_failure_budget_stops_before_any_shard(tmp_path):
         prepare_dataset(cfg)
     assert input_failures_path(out).is_file() and len(read_input_failures(out)) == 5
     assert not (out / "manifest.parquet").exists() and not (out / "dataset.json").exists()
+
+
+def test_a_table_without_data_rows_is_an_error_naming_it(tmp_path):
+    table = _table(tmp_path / "t.tsv", "id\tlabel\n\n")
+    cfg = PrecomputeConfig(input=str(table), out=str(tmp_path / "data"), preset="tiny", max_failed_fraction=1.0)
+    with pytest.raises(PrecomputeError, match=r"t.tsv: the table has no data rows"):
+        prepare_dataset(cfg)

@@ -243,3 +243,11 @@ def test_file_objects_decode_like_paths(tmp_path: Path) -> None:
     np.testing.assert_array_equal(from_file.frames, from_path.frames)
     np.testing.assert_array_equal(from_file.audio, from_path.audio)
     assert frame_level(0) - 4 < from_path.frames[0].mean() < frame_level(0) + 4
+
+
+@pytest.mark.parametrize("start", [1e15, 1e300])
+def test_a_start_far_past_the_end_is_too_short_not_a_crash(tmp_path, start):
+    path = make_clip(tmp_path / "clip.mp4", seconds=2.5)
+    with pytest.raises(Rejected) as err:
+        decode_clip(path, start=start, duration=2.0, frame_size=32)
+    assert err.value.reason is RejectReason.TOO_SHORT and str(path) in err.value.message

@@ -50,7 +50,7 @@ EXPECTED = {
     "short_span": "too_short",
     "rot90_again": "duplicate",
     "negative": "bad_row",
-    "": "bad_row",  # the line that is not UTF-8: its id cannot be read
+    "bad": "bad_row",  # the line that is not UTF-8 (its id cell is readable)
     "nowhere": "missing_file",
 }
 

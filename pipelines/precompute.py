@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pipelines.shard_processor import EncoderSpec, ShardResult
@@ -247,8 +247,28 @@ def shards_to_run(cfg: PrecomputeConfig, rows: list[ManifestRow]) -> tuple[list[
 
 
 # -- the job ---------------------------------------------------------------------------------------
+def resolve_path(path: str | None) -> str | None:
+    """An absolute local path (``~`` expanded), or a URL (``scheme://``) unchanged."""
+    if path is None or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def resolved(cfg: PrecomputeConfig) -> PrecomputeConfig:
+    """``cfg`` with every path made absolute, once, on the driver: Ray workers on a cluster run in
+    their own working directories, where a relative ``--out`` or ``--weights`` means something else."""
+    return replace(
+        cfg, input=resolve_path(cfg.input), out=resolve_path(cfg.out),
+        media_root=resolve_path(cfg.media_root), weights=resolve_path(cfg.weights),
+    )  # fmt: skip
+
+
 def run_precompute(cfg: PrecomputeConfig) -> PrecomputeReport:
-    rows, _ = prepare_dataset(cfg)
+    cfg = resolved(cfg)
+    rows, info = prepare_dataset(cfg)
+    # this run's --media-root wins over the one recorded at the manifest step (the media moved to
+    # shared storage); the manifest's relative paths resolve against it
+    media_root = cfg.media_root or info.media_root
     remove_stale_temporaries(cfg.out)  # leftovers of a killed run; never a finished file
     by_shard = rows_by_shard(rows)
     todo, done = shards_to_run(cfg, rows)
@@ -258,7 +278,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeReport:
         return report
     from pipelines.ray_runner import run_on_ray  # Ray is imported only when there is work
 
-    run_on_ray(cfg, todo, by_shard, report)
+    run_on_ray(cfg, todo, by_shard, report, media_root)
     refresh_sample_counts(cfg.out)
     return report
 

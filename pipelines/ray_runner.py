@@ -24,7 +24,6 @@ from pipelines.shard_processor import EncoderSpec, ShardProcessor, ShardResult
 from preprocessing.manifest import ManifestRow
 from preprocessing.sample import Sample
 from preprocessing.shard_reader import iter_shard
-from preprocessing.shards import read_dataset_info
 
 # driver environment that workers must see even when Ray was started earlier in the same process
 FORWARDED_ENV = ("SELVA_FAULT_EXIT_SHARD",)
@@ -43,9 +42,11 @@ class ShardWorker:
     def ready(self) -> bool:
         return True
 
-    def process(self, dataset_dir: str, shard: str, rows: list[ManifestRow], retry_failed: bool) -> ShardResult:
+    def process(
+        self, dataset_dir: str, shard: str, rows: list[ManifestRow], retry_failed: bool, media_root: str
+    ) -> ShardResult:
+        """``dataset_dir`` and ``media_root`` come resolved from the driver (absolute paths or URLs)."""
         _maybe_inject_fault(shard)
-        media_root = read_dataset_info(dataset_dir).media_root
         reuse = {}
         if retry_failed and (Path(dataset_dir) / "shards" / f"{shard}.json").exists():
             # keep what the earlier attempt wrote; decode only the recorded failures again
@@ -77,7 +78,8 @@ def _init_ray(cfg: PrecomputeConfig) -> None:
 
 
 def run_on_ray(
-    cfg: PrecomputeConfig, todo: list[str], by_shard: dict[str, list[ManifestRow]], report: PrecomputeReport
+    cfg: PrecomputeConfig, todo: list[str], by_shard: dict[str, list[ManifestRow]], report: PrecomputeReport,
+    media_root: str,
 ) -> None:
     started = time.perf_counter()
     _init_ray(cfg)
@@ -98,7 +100,7 @@ def run_on_ray(
     def submit(actor) -> None:
         shard = queue.pop(0)
         attempts[shard] = attempts.get(shard, 0) + 1
-        ref = actor.process.remote(str(cfg.out), shard, by_shard[shard], cfg.retry_failed)
+        ref = actor.process.remote(str(cfg.out), shard, by_shard[shard], cfg.retry_failed, media_root)
         in_flight[ref] = (shard, actor)
 
     run_started = time.perf_counter()

@@ -19,6 +19,7 @@ import pytest
 from conftest import shared_dir
 from media_fixtures import make_clip
 
+from pipelines.precompute import PrecomputeConfig, prepare_dataset, resolved
 from preprocessing.manifest import read_manifest
 from preprocessing.shard_reader import iter_shard
 from preprocessing.shards import done_and_missing, read_failures, read_input_failures, read_marker
@@ -205,3 +206,34 @@ def test_a_changed_input_table_is_refused_for_an_existing_dataset(clean_run, inp
     args[args.index("--input") + 1] = str(changed)
     assert main(args) == 1
     assert "input table" in capsys.readouterr().err
+
+
+def test_media_moved_to_new_storage_and_relative_paths(clean_run, inputs, tmp_path, monkeypatch):
+    # the manifest step ran with the media on local disk ...
+    local = tmp_path / "local" / "media"
+    shutil.copytree(inputs.parent / "media", local)
+    shutil.copy(inputs, tmp_path / "clips.tsv")
+    cfg = PrecomputeConfig(input=str(tmp_path / "clips.tsv"), out=str(tmp_path / "moved"), media_root=str(local),
+                           samples_per_shard=3, max_failed_fraction=1.0)
+    prepare_dataset(resolved(cfg))
+    # ... then the media moved to shared storage; the rerun names the new root, every path relative to
+    # the driver's working directory (Ray workers run elsewhere: the driver resolves them once)
+    (tmp_path / "shared").mkdir()
+    local.rename(tmp_path / "shared" / "media")
+    monkeypatch.chdir(tmp_path)
+    argv = ["precompute", "--input", "clips.tsv", "--media-root", "shared/media", "--out", "moved",
+            "--samples-per-shard", "3", "--workers", "2", "--no-progress", "--max-failed-fraction", "1.0"]
+    assert main(argv) == 0
+    out = tmp_path / "moved"
+    done, missing = done_and_missing(out)
+    assert missing == []
+    failures = {f.source_id: f.reason for shard in done for f in read_failures(out, shard)}
+    assert failures == EXPECTED_FAILURES  # "nowhere" never existed; nothing else is missing
+    assert _shard_files(out) == _shard_files(clean_run)
+
+
+def test_paths_are_resolved_once_on_the_driver(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = resolved(PrecomputeConfig(input="t.tsv", out="data/v1", media_root="~/media", weights="s3://bucket/w"))
+    assert cfg.input == str(tmp_path / "t.tsv") and cfg.out == str(tmp_path / "data" / "v1")
+    assert cfg.media_root == os.path.expanduser("~/media") and cfg.weights == "s3://bucket/w"  # URLs unchanged

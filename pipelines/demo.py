@@ -14,6 +14,7 @@ point is that every stage runs. Training and evaluation join this demo as they a
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,11 @@ def run(args: argparse.Namespace) -> int:
     from selva.presets import get_preset
     from selva.sampling import sample_latents
 
+    if not Path(args.input).is_file():
+        # a bare clone: the demo's clips live in ../shared until the demo makes its own (synthetic) world
+        print(f"error: the demo needs the clip table {args.input} (the two real VGGSound clips in "
+              f"../shared/data/real beside this checkout); pass --input TABLE to use your own clips", file=sys.stderr)
+        return 2
     out = Path(args.out)
     dataset = out / "dataset"
     started = time.perf_counter()

@@ -64,7 +64,10 @@ class ShardProcessor:
         self.preset: ModelPreset = get_preset(spec.preset)
         self.seq = SequenceConfig(self.preset.duration)
         self.device = torch.device(spec.device)
-        self.encoders: FrozenEncoders = build_encoders(spec.encoders, self.preset, spec.weights, self.device)
+        # encode only: precompute never decodes audio, so the official vocoder is not needed
+        self.encoders: FrozenEncoders = build_encoders(
+            spec.encoders, self.preset, spec.weights, self.device, decoder=False
+        )
         # LRU of prompt features: repeated labels (VGGSound has 310) are encoded once per worker, while
         # a caption dataset with millions of distinct prompts cannot grow the cache without bound.
         self._text_cache: OrderedDict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()

@@ -49,27 +49,31 @@ def _check_official_preset(preset: ModelPreset) -> None:
 
 
 def build_codec(
-    kind: str, preset: ModelPreset, weights_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu"
+    kind: str, preset: ModelPreset, weights_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+    *, decoder: bool = True,
 ) -> AudioCodec:
+    """The preset's codec; ``decoder=False`` skips the official vocoder (encode-only, e.g. precompute)."""
     _check_kind(kind)
     latent_dim = preset.generator.latent_dim
     if kind == "embedded":
         return EmbeddedCodec(EmbeddedCodecConfig(num_mels=latent_dim)).to(device)
     _check_official_preset(preset)
-    paths = require(weights_dir, ["vae", "vocoder"])
+    paths = require(weights_dir, ["vae", "vocoder"] if decoder else ["vae"])
     vae = load_vae(paths["vae"], device=device)
-    vocoder = load_bigvgan(paths["vocoder"], device=device)
+    vocoder = load_bigvgan(paths["vocoder"], device=device) if decoder else None
     return OfficialCodec(get_mel_converter("16k").to(device), vae, vocoder)
 
 
 def build_encoders(
-    kind: str, preset: ModelPreset, weights_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu"
+    kind: str, preset: ModelPreset, weights_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+    *, decoder: bool = True,
 ) -> FrozenEncoders:
-    """All frozen encoders of ``kind``; official files are all checked before the first one loads."""
+    """All frozen encoders of ``kind``; official files are all checked before the first one loads.
+    ``decoder=False``: the codec only encodes (no vocoder file needed)."""
     _check_kind(kind)
     if kind == "official":
         _check_official_preset(preset)
-        require(weights_dir, ["vae", "vocoder", "flan_t5", "clip"])
-    codec = build_codec(kind, preset, weights_dir, device)
+        require(weights_dir, ["vae", "vocoder", "flan_t5", "clip"] if decoder else ["vae", "flan_t5", "clip"])
+    codec = build_codec(kind, preset, weights_dir, device, decoder=decoder)
     t5, clip = build_text_encoders(kind, preset, weights_dir, device=device)
     return FrozenEncoders(kind, codec, t5, clip)

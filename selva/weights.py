@@ -51,7 +51,7 @@ OFFICIAL_FILES: dict[str, WeightFile] = {
 }
 
 # what each job needs
-PRECOMPUTE_ROLES = ("vae", "vocoder", "flan_t5", "clip")
+PRECOMPUTE_ROLES = ("vae", "flan_t5", "clip")  # precompute only encodes: no vocoder
 GENERATE_ROLES = ("selva_generator", "textsynch", "vae", "vocoder", "flan_t5", "clip")
 
 

@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="SELVA at cluster scale: precompute shards, train both stages, generate audio.",
     )
     parser.add_argument("--version", action="version", version=f"selva {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an expected error too")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     check.add_parser(subparsers)
     _add_optional(subparsers, "preprocessing.inspect_cli")
@@ -65,13 +66,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors that describe a bad input or set-up (each names the input): one line, no traceback.
+    Anything else is a bug of ours and keeps its traceback."""
+    from pipelines.precompute import PrecomputeError
+    from preprocessing.input_table import ManifestError
+    from preprocessing.shards import ShardError
+    from selva.checkpoint import CheckpointError
+    from selva.reference.check import ReferenceFormatError
+    from selva.reference.inputs import InputError
+    from selva.weights import MissingWeightsError
+
+    return (
+        PrecomputeError, ManifestError, ShardError, CheckpointError, ReferenceFormatError, InputError,
+        MissingWeightsError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+    )  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted; finished work is kept (rerun the same command to resume)", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.debug or not isinstance(err, expected_errors()):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -37,3 +37,21 @@ def test_presets_lists_official_sizes(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
     assert "small_16k" in out and "157.28" in out and "134.84" in out
+
+
+def test_expected_errors_are_one_line_without_traceback(tmp_path, capsys):
+    from selva_cli.main import main
+
+    missing = tmp_path / "nowhere.tsv"
+    assert main(["precompute", "--input", str(missing), "--out", str(tmp_path / "data")]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {missing}: no such file" and "Traceback" not in err
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("just one cell per line\nanother\n")
+    assert main(["precompute", "--input", str(bad), "--out", str(tmp_path / "data")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {bad}: line 1: no 'id' column")
+    # --debug shows the traceback instead
+    from preprocessing.input_table import ManifestError
+
+    with pytest.raises(ManifestError, match="no such file"):
+        main(["--debug", "precompute", "--input", str(missing), "--out", str(tmp_path / "data")])

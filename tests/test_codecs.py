@@ -108,3 +108,14 @@ def test_official_weight_files_load_through_the_release_layout(tmp_path):
     torch.save({"generator": BigVGANVocoder().state_dict()}, tmp_path / OFFICIAL_FILES["vocoder"].path)
     codec = build_codec("official", SMALL_16K, tmp_path)
     assert isinstance(codec, OfficialCodec) and codec.vae.weight_norm_removed
+
+
+def test_precompute_needs_no_vocoder(tmp_path):
+    from selva.encoders import build_encoders
+    from selva.presets import SMALL_16K
+    from selva.weights import PRECOMPUTE_ROLES, MissingWeightsError
+
+    assert "vocoder" not in PRECOMPUTE_ROLES
+    with pytest.raises(MissingWeightsError) as err:  # every file precompute needs is named, the vocoder is not
+        build_encoders("official", SMALL_16K, tmp_path, decoder=False)
+    assert "v1-16.pth" in str(err.value) and "best_netG.pt" not in str(err.value)

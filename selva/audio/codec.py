@@ -45,7 +45,8 @@ class AudioCodec(Protocol):
 class OfficialCodec(nn.Module):
     """MMAudio's 16 kHz codec: the latent is a sample of the VAE posterior over the log-mel."""
 
-    def __init__(self, mel: MelConverter, vae: VAE, vocoder: BigVGANVocoder):
+    def __init__(self, mel: MelConverter, vae: VAE, vocoder: BigVGANVocoder | None):
+        """``vocoder`` None: an encode-only codec (precompute), whose ``decode`` raises."""
         super().__init__()
         self.mel, self.vae, self.vocoder = mel, vae, vocoder
         self.requires_grad_(False).eval()
@@ -69,6 +70,8 @@ class OfficialCodec(nn.Module):
         return dist.mean.transpose(1, 2), dist.std.transpose(1, 2)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        if self.vocoder is None:
+            raise RuntimeError("this codec was built to encode only (no vocoder); build it with decoder=True")
         mel = self.vae.decode(latent.transpose(1, 2))
         return self.vocoder(mel).squeeze(1)
 

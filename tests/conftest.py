@@ -16,6 +16,29 @@ def shared_dir() -> Path:
     return Path(env) if env else REPO_ROOT.parent / "shared"
 
 
+SHARED_SKIPS: set[str] = set()
+
+
+def require_shared(path: Path, what: str) -> Path:
+    """``path`` (inside the shared folder), or stop the test: under CI a missing shared folder is a broken
+    set-up and fails loudly; on a bare clone the test is skipped, and one summary line names what
+    the skipped tests need."""
+    if path.exists():
+        return path
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} not found at {path}: CI always has ../shared beside the checkout")
+    SHARED_SKIPS.add(what)
+    pytest.skip(f"needs {what} ({path})")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if SHARED_SKIPS:
+        terminalreporter.write_line(
+            f"skipped tests need the shared folder ({', '.join(sorted(SHARED_SKIPS))}): clone with ../shared "
+            f"beside the checkout or set SELVA_SHARED"
+        )
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     """The official reference-vector directory; tests that need it skip when it is absent."""

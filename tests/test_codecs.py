@@ -6,7 +6,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from conftest import shared_dir
+from conftest import require_shared, shared_dir
 
 from selva.audio.bigvgan import BigVGANVocoder
 from selva.audio.codec import AudioCodec, EmbeddedCodec, OfficialCodec
@@ -17,9 +17,7 @@ from selva.sequence import SequenceConfig
 
 def _real_audio(seconds: float) -> torch.Tensor:
     """16 kHz mono float32 from a real VGGSound clip, decoded with PyAV."""
-    path = shared_dir() / "data" / "real" / "0B4dYTMsgHA_000130.mp4"
-    if not path.is_file():
-        pytest.skip(f"real clip not found at {path}")
+    path = require_shared(shared_dir() / "data" / "real" / "0B4dYTMsgHA_000130.mp4", "the real clips")
     resampler = av.AudioResampler(format="flt", layout="mono", rate=16_000)
     chunks = []
     with av.open(str(path)) as container:

@@ -6,7 +6,6 @@ import ctypes
 import glob
 import hashlib
 import io
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from conftest import require_shared
 from media_fixtures import decoded_real, real_clips_dir
 
 from preprocessing.compact import (
@@ -36,10 +36,7 @@ MAX_MEAN_ABS_ERROR = {64: 4.25, 224: 3.25}
 @pytest.fixture(scope="module")
 def real_dir() -> Path:
     path = real_clips_dir()
-    if not (path / CLIPS[0]).is_file():
-        if os.environ.get("CI"):
-            pytest.fail(f"real clips not found at {path}")
-        pytest.skip(f"real clips not found at {path} (set SELVA_SHARED to the shared folder)")
+    require_shared(path / CLIPS[0], "the real clips")
     return path
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import wave
 
 import numpy as np
-import pytest
-from conftest import shared_dir
+from conftest import require_shared, shared_dir
 
 from selva_cli.main import main
 
@@ -18,9 +17,7 @@ def _read_wav(path) -> np.ndarray:
 
 
 def test_demo_writes_audio_from_the_real_clips(tmp_path, capsys):
-    table = shared_dir() / "data" / "real" / "videos.tsv"
-    if not table.is_file():
-        pytest.skip("real clips not found")
+    table = require_shared(shared_dir() / "data" / "real" / "videos.tsv", "the real clips")
     assert main(["demo", "--input", str(table), "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "clips:  2 ok, 0 failed" in out

@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import require_shared, shared_dir
 
 from preprocessing.errors import RejectReason
 from preprocessing.manifest import (
@@ -24,10 +25,11 @@ from preprocessing.manifest import (
     validate,
     write_manifest,
 )
-from tests.conftest import shared_dir
 
 REAL = shared_dir() / "data" / "real"
-needs_real = pytest.mark.skipif(not (REAL / "vgg-test.tsv").is_file(), reason=f"no VGGSound lists in {REAL}")
+@pytest.fixture
+def needs_real() -> None:
+    require_shared(REAL / "vgg-test.tsv", "the VGGSound lists")
 
 
 def _write(path: Path, text: str) -> Path:
@@ -35,7 +37,7 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-@needs_real
+@pytest.mark.usefixtures("needs_real")
 @pytest.mark.parametrize(("name", "count"), [("vgg-test.tsv", 15221), ("vgg-val.tsv", 2048), ("videos.tsv", 2)])
 def test_vggsound_lists_read_as_is(name, count):
     clips, problems = read_clips(REAL / name, duration=8.0, check_files=False)
@@ -45,7 +47,7 @@ def test_vggsound_lists_read_as_is(name, count):
     assert all(len(c.key) == 16 and "." not in c.key for c in clips)
 
 
-@needs_real
+@pytest.mark.usefixtures("needs_real")
 def test_vggsound_real_clips_are_found_and_labelled():
     clips, problems = read_clips(REAL / "videos.tsv", duration=8.0)
     assert problems == []  # both mp4 files sit next to the list
@@ -211,7 +213,7 @@ def test_samples_per_shard(tmp_path):
         assign_shards([], seed=0, samples_per_shard=0)
 
 
-@needs_real
+@pytest.mark.usefixtures("needs_real")
 def test_vggsound_test_split_shards():
     rows, problems = build_manifest(
         REAL / "vgg-test.tsv", duration=8.0, seed=0, samples_per_shard=1000, default_split="test", check_files=False

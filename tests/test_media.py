@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require_shared
 from media_fixtures import (
     decoded_real,
     frame_level,
@@ -40,10 +40,7 @@ CLIP_25FPS = "F8Zt3mYlOqU_000094.mp4"  # 1280x720, 25 fps, 10.04 s (an edit list
 @pytest.fixture(scope="module")
 def real_dir() -> Path:
     path = real_clips_dir()
-    if not (path / CLIP_30FPS).is_file():
-        if os.environ.get("CI"):
-            pytest.fail(f"real clips not found at {path}")
-        pytest.skip(f"real clips not found at {path} (set SELVA_SHARED to the shared folder)")
+    require_shared(path / CLIP_30FPS, "the real clips")
     return path
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from conftest import require_shared
 from media_fixtures import (
     frame_level,
     nearest_frame,
@@ -218,8 +219,8 @@ def test_real_clips_seek_once(monkeypatch) -> None:
 
     folder = real_clips_dir()
     names = ["0B4dYTMsgHA_000130.mp4", "F8Zt3mYlOqU_000094.mp4"]
-    if not all((folder / name).is_file() for name in names):
-        pytest.skip(f"real clips not found at {folder}")
+    for name in names:
+        require_shared(folder / name, "the real clips")
     passes = spy_passes(monkeypatch)
     for name in names:
         passes.clear()

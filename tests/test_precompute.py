@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_dir
+from conftest import require_shared, shared_dir
 from media_fixtures import make_clip
 
 from pipelines.precompute import PrecomputeConfig, prepare_dataset, resolved
@@ -72,8 +72,7 @@ def _args(table: Path, out: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Path:
-    if not (shared_dir() / "data" / "real").is_dir():
-        pytest.skip("real clips not found")
+    require_shared(shared_dir() / "data" / "real", "the real clips")
     return _make_inputs(tmp_path_factory.mktemp("precompute-inputs"))
 
 

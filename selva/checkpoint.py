@@ -95,17 +95,41 @@ def load_strict(
 
 
 def save_weights(module: nn.Module, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
-    """Save our own weights as safetensors, atomically (temporary name, then rename)."""
+    """Save our own weights as safetensors, atomically (temporary name, then rename).
+
+    The metadata always records ``module`` (the class, e.g. ``Generator``); pass ``preset`` too, so
+    :func:`load_weights` can tell a wrong file from a wrong model with a clear message."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    save_file(state, str(tmp), metadata=dict(metadata or {}))
+    save_file(state, str(tmp), metadata={"module": type(module).__name__, **dict(metadata or {})})
     os.replace(tmp, path)
 
 
-def load_weights(module: nn.Module, path: str | os.PathLike) -> None:
-    """Load weights saved by :func:`save_weights` (or any file with the official key names)."""
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a ``.safetensors`` file ({} for other files or none)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def load_weights(module: nn.Module, path: str | os.PathLike, *, preset: str | None = None) -> None:
+    """Load weights saved by :func:`save_weights` (or any file with the official key names).
+
+    Raises ``CheckpointError`` naming the file when its recorded ``module`` is another class, or its
+    recorded ``preset`` differs from ``preset`` (when given), before comparing keys."""
+    meta = read_metadata(path)
+    kind = meta.get("module")
+    if kind is not None and kind != type(module).__name__:
+        raise CheckpointError(f"{path} holds {kind} weights, not {type(module).__name__} weights")
+    saved_preset = meta.get("preset")
+    if preset is not None and saved_preset is not None and saved_preset != preset:
+        raise CheckpointError(f"{path} was saved for preset {saved_preset!r}; this model is preset {preset!r}")
     load_strict(module, read_state_dict(path), str(path))

@@ -7,7 +7,14 @@ import pickle
 import pytest
 import torch
 
-from selva.checkpoint import CheckpointError, load_strict, load_weights, read_state_dict, save_weights
+from selva.checkpoint import (
+    CheckpointError,
+    load_strict,
+    load_weights,
+    read_metadata,
+    read_state_dict,
+    save_weights,
+)
 from selva.presets import TINY
 
 
@@ -21,9 +28,19 @@ def test_own_checkpoint_round_trips_bit_exactly(tmp_path):
     save_weights(gen, path, {"preset": "tiny"})
     assert not (tmp_path / "gen.safetensors.tmp").exists()
     other = TINY.build_generator()
-    load_weights(other, path)
+    load_weights(other, path, preset="tiny")
     for (name, a), (_, b) in zip(gen.state_dict().items(), other.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+    assert read_metadata(path) == {"module": "Generator", "preset": "tiny"}
+
+
+def test_a_checkpoint_of_another_module_or_preset_is_refused_by_its_metadata(tmp_path):
+    path = tmp_path / "gen.safetensors"
+    save_weights(TINY.build_generator(), path, {"preset": "tiny"})
+    with pytest.raises(CheckpointError, match=r"gen\.safetensors holds Generator weights, not TextSynch weights"):
+        load_weights(TINY.build_textsynch(), path)
+    with pytest.raises(CheckpointError, match=r"saved for preset 'tiny'; this model is preset 'small_16k'"):
+        load_weights(TINY.build_generator(), path, preset="small_16k")
 
 
 def test_missing_unexpected_and_misshaped_keys_are_named_with_the_file(tmp_path):

@@ -127,27 +127,22 @@ def read_clips(
     for item in table.rows:
         clip, problem = judge_row(item, table, duration, default_split)
         if clip is not None:
+            path = resolve_media_path(clip.path, root)
             # absolute and normalised, so "a.mp4", "./a.mp4" and "/media/a.mp4" are one file (symlinks
             # are not followed: that would cost a stat per row on a network file system)
-            resolved = os.path.abspath(resolve_media_path(clip.path, root))
-            problem = collisions.check(clip, resolved)
+            problem = collisions.check(clip, os.path.abspath(path))
         if problem is not None:
             problems.append(problem)
             continue
         assert clip is not None
         clips.append(clip)
-        if check_files and not files.exists(resolve_media_path(clip.path, root)):
-            message = f"no file {resolve_media_path(clip.path, root)}"
+        if check_files and not files.exists(path):
             problems.append(
-                ManifestProblem(clip.row, clip.source_id, RejectReason.MISSING_FILE.value, message, clip.line, clip.key)
+                ManifestProblem(clip.row, clip.source_id, RejectReason.MISSING_FILE.value, f"no file {path}",
+                                clip.line, clip.key)
             )
     problems.sort(key=lambda p: p.row)
     return clips, problems
-
-
-def input_rows_total(table_path: str | Path, *, text_column: str | None = None) -> int:
-    """Data rows of the table (what ``read_clips`` judged): clips + rejected rows."""
-    return len(read_input_table(table_path, text_column=text_column).rows)
 
 
 def validate(table_path: str | Path, *, duration: float, strict: bool = False, **options: Any) -> list[ManifestProblem]:

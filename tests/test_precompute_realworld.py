@@ -63,7 +63,7 @@ def dataset(tmp_path_factory) -> Path:
     make_oriented_clip(media / "rot90.mp4", display_matrix(90), seconds=2.5)
     make_oriented_clip(media / "rot270_flip.mov", display_matrix(270, hflip=True), seconds=2.5)
     make_clip(media / "plain.mp4", seconds=2.5)
-    make_clip(media / "plain2.mp4", seconds=12.0, fps=25)
+    make_clip(media / "plain2.mp4", seconds=2.5, fps=25)  # its row's 10 s span is cut to 2 s: 2.5 s suffice
     make_timeline_clip(media / "seek.ts", seconds=3.5)
     make_timeline_clip(media / "one_key.ts", seconds=3.5, keyint=None)
     make_timeline_clip(media / "seek.mpg", seconds=3.5)

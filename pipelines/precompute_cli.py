@@ -1,14 +1,17 @@
-"""``selva precompute``: argument parsing, the final report, optional MLflow logging."""
+"""``selva precompute``: argument parsing, the final report, optional MLflow tracking (never blocking)."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from pipelines.precompute import PrecomputeConfig, PrecomputeError, PrecomputeReport, as_params, config_from_args
+from training.tracking import Tracker, TrackingConfig, default_uri
+
+EXPERIMENT = "selva-precompute"
+TRACKING_DEADLINE_S = 10.0  # the most a finished job waits for its tracking at exit
 
 DESCRIPTION = """\
 Decode every clip of an input table once, run the frozen encoders, and write WebDataset shards.
@@ -44,7 +47,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="a shard with a larger share of failed clips stops the job (default 0.5)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--mlflow", action="store_true",
-                   help="log the run to MLflow (MLFLOW_TRACKING_URI, else sqlite in the dataset folder)")
+                   help="log the run to MLflow (MLFLOW_TRACKING_URI, else sqlite in the dataset folder); "
+                        "a slow or dead server never blocks the job (docs/precompute.md#tracking)")
     p.set_defaults(func=run)
     return p
 
@@ -61,33 +65,46 @@ def run(args: argparse.Namespace) -> int:
             return 2
     from pipelines.precompute import run_precompute
 
+    tracker = start_tracking(cfg) if args.mlflow else None
     try:
         report = run_precompute(cfg)
     except PrecomputeError as err:
         print(f"error: {err}", file=sys.stderr)
         print("finished shards are kept; rerun the same command to resume", file=sys.stderr)
+        finish_tracking(tracker, "FAILED")
         return 1
+    except BaseException as err:  # an expected error main() reports, a bug, or Ctrl-C: the run is ended too
+        finish_tracking(tracker, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
     print(report.table())
-    if args.mlflow:
-        log_to_mlflow(cfg, report)
+    if tracker is not None:
+        tracker.log_metrics(report_metrics(report))
+        finish_tracking(tracker, "FINISHED")
     return 0
 
 
-def log_to_mlflow(cfg: PrecomputeConfig, report: PrecomputeReport) -> None:
-    """Best effort: a tracking outage never fails a finished precompute."""
-    try:
-        import mlflow
+def start_tracking(cfg: PrecomputeConfig) -> Tracker:
+    """Start the MLflow run now (params); nothing here waits for the tracking server."""
+    tracker = Tracker(TrackingConfig(uri=default_uri(cfg.out)))
+    tracker.start_run(EXPERIMENT, f"precompute {Path(cfg.out).name}", params=as_params(cfg))
+    return tracker
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(cfg.out).resolve() / 'mlflow.db'}"
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment("selva-precompute")
-        with mlflow.start_run(run_name=f"precompute {Path(cfg.out).name}"):
-            mlflow.log_params(as_params(cfg))
-            metrics = {"clips_ok": report.ok, "clips_failed": report.failed, "shards_written": len(report.shards_run),
-                       "ray_start_s": report.ray_start_seconds, "run_s": report.run_seconds}
-            metrics.update({f"failed_{k}": v for k, v in report.failures_by_reason.items()})
-            metrics.update({f"time_{k}_s": v for k, v in report.timings.items()})
-            mlflow.log_metrics(metrics)
-        print(f"logged to MLflow at {uri}")
-    except Exception as err:  # noqa: BLE001
-        print(f"warning: MLflow logging failed ({type(err).__name__}: {err}); the dataset is complete", file=sys.stderr)
+
+def report_metrics(report: PrecomputeReport) -> dict[str, float]:
+    metrics = {"clips_ok": report.ok, "clips_failed": report.failed, "shards_written": len(report.shards_run),
+               "ray_start_s": report.ray_start_seconds, "run_s": report.run_seconds}
+    metrics.update({f"failed_{k}": v for k, v in report.failures_by_reason.items()})
+    metrics.update({f"time_{k}_s": v for k, v in report.timings.items()})
+    return metrics
+
+
+def finish_tracking(tracker: Tracker | None, status: str) -> None:
+    """End the run, waiting at most TRACKING_DEADLINE_S; one line says what could not be sent."""
+    if tracker is None:
+        return
+    summary = tracker.close(TRACKING_DEADLINE_S, status)
+    problem = summary.problem(TRACKING_DEADLINE_S)
+    if problem:
+        print(f"warning: {problem}; the dataset is not affected", file=sys.stderr)
+    else:
+        print(f"logged to MLflow at {summary.uri} (run {summary.run_id})")

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from conftest import require_shared, shared_dir
 from media_fixtures import make_clip
+from tracking_servers import no_mlflow_env, silent_server
 
 from pipelines.precompute import PrecomputeConfig, prepare_dataset, resolved
 from preprocessing.manifest import read_manifest
@@ -119,6 +120,25 @@ def test_a_second_run_is_a_no_op_and_a_fresh_run_is_byte_identical(clean_run, in
     assert main(_args(inputs, again)) == 0
     assert _shard_files(again) == _shard_files(clean_run)
     assert (again / "manifest.parquet").read_bytes() == (clean_run / "manifest.parquet").read_bytes()
+
+
+def test_mlflow_on_a_server_that_never_answers_costs_the_job_its_exit_deadline(clean_run, inputs, capsys):
+    """The CLI path end to end: the tracker starts with the job, logs its params and final metrics
+    and is closed with the 10 s deadline. The job is a no-op rerun: a real one-shard precompute
+    costs ~20 s of Ray start-up on a 2-core machine, which would leave a 30 s ceiling no margin,
+    and the outage's cost does not depend on what the job did."""
+    with no_mlflow_env(), silent_server() as port:
+        uri = f"http://127.0.0.1:{port}"
+        os.environ["MLFLOW_TRACKING_URI"] = uri  # the only MLflow variable set; no_mlflow_env removes it
+        began = time.monotonic()
+        assert main(_args(inputs, clean_run, "--mlflow")) == 0
+        took = time.monotonic() - began
+    assert took < 30.0, f"the job took {took:.1f} s"
+    out, err = capsys.readouterr()
+    assert "nothing to do" in out and "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if "MLflow" in line]
+    assert line.startswith(f"warning: MLflow tracking at {uri}: ") and "values not sent" in line
+    assert "still pending at the 10 s deadline" in line and line.endswith("the dataset is not affected")
 
 
 def test_sigkill_then_rerun_equals_a_clean_run(clean_run, inputs, tmp_path):

@@ -62,8 +62,9 @@ def test_a_server_that_never_answers_costs_the_job_only_the_close_deadline(monke
     job = threading.get_ident()
     with silent_server() as port:
         uri = f"http://127.0.0.1:{port}"
-        # a small queue, so that the stuck request also fills it; a 2 s timeout keeps the test short
-        tracker = Tracker(TrackingConfig(uri=uri, queue_size=10, request_timeout_s=2))
+        # a small queue, so that the stuck request also fills it; a 3 s timeout (not the default 5)
+        # keeps the test short and still leaves the job's thread 6 s to fill the queue first
+        tracker = Tracker(TrackingConfig(uri=uri, queue_size=10, request_timeout_s=3))
         tracker.start_run("selva-test", "silent server", params={"workers": 2})
         assert calls.started.wait(CEILING_S)  # the request is now waiting for an answer
         for step in range(STEPS):
@@ -82,10 +83,10 @@ def test_a_server_that_never_answers_costs_the_job_only_the_close_deadline(monke
             f"(still pending at the {deadline:g} s deadline)"
         )
 
-        # the hung request ends by MLflow's read timeout, as the tracker set it: 2 s, one retry
+        # the hung request ends by MLflow's read timeout, as the tracker set it: 3 s, one retry
         assert calls.ended.wait(CEILING_S)
-        assert calls.errors and "read timeout=2)" in str(calls.errors[0])
-        assert os.environ[TIMEOUT_ENV] == "2" and os.environ[RETRIES_ENV] == "1"
+        assert calls.errors and "read timeout=3)" in str(calls.errors[0])
+        assert os.environ[TIMEOUT_ENV] == "3" and os.environ[RETRIES_ENV] == "1"
     assert calls.threads and job not in calls.threads
     assert job not in tracker.mlflow_thread_ids
     assert _warnings(capsys.readouterr().err) == []  # silent after close

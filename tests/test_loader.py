@@ -1,6 +1,6 @@
 """The streaming training loader: coverage, equal steps, batch contract, error skipping, exact resume.
 
-Datasets are written by the real shard writer (training/synthetic_data.py) with real H.264 frames,
+Datasets are written by the real shard writer (pipelines/synth.py) with real H.264 frames,
 22 samples in shards of 5, 5, 5, 5 and 2 (an uneven shard count and an uneven last shard).
 """
 
@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.synth import sample_level, write_synthetic_dataset
 from preprocessing.compact import decode_sync_mp4
 from preprocessing.shard_reader import iter_shard
 from preprocessing.shards import ShardError, done_and_missing, shard_marker_path, shard_tar_path
@@ -34,7 +35,6 @@ from training.shard_order import (
     seeded_rng,
     source_from_urls,
 )
-from training.synthetic_data import sample_level, write_synthetic_dataset
 
 NUM, PER_SHARD = 22, 5
 

@@ -364,3 +364,26 @@ def test_resume_refuses_another_layout(dataset):
         other.load_state_dict(state)
     other.load_state_dict(state, strict=False)
     assert (other.epoch, other.batch_in_epoch) == (1, 0)
+
+
+def test_collate_in_a_worker_allocates_shared_memory():
+    from training.sample_stream import collate
+
+    rng = np.random.default_rng(0)
+    samples = [
+        {
+            "key": f"k{i}",
+            "text": "t",
+            "video_u8": np.full((2, 4, 4, 3), i, np.uint8),
+            "t5": rng.standard_normal((n, 3)).astype(np.float32),
+            "t5_mask": np.ones(n, np.bool_),
+            "clip_text": rng.standard_normal((5, 2)).astype(np.float16),
+        }
+        for i, n in enumerate((2, 4))
+    ]
+    shared, private = collate(samples, shared=True), collate(samples, shared=False)
+    for name in ("video_u8", "t5", "t5_mask", "clip_text"):
+        assert shared[name].is_shared() and not private[name].is_shared()
+        assert torch.equal(shared[name], private[name])
+    assert shared["t5_mask"].tolist() == [[True, True, False, False], [True] * 4]
+    assert shared["clip_text"].dtype == torch.float32

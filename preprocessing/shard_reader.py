@@ -32,6 +32,7 @@ from preprocessing.shards import (
     MEMBER_ORDER,
     REQUIRED_MEMBERS,
     ShardError,
+    done_and_missing,
     read_failures,
     shard_state,
     shard_tar_path,
@@ -178,3 +179,10 @@ def iter_shard(
             )
     with open(tar_path, "rb") as stream:
         yield from iter_tar(stream, source=str(tar_path), expected_keys=expected)
+
+
+def iter_dataset(dataset_dir: str | Path) -> Iterator[ShardSample]:
+    """Samples of every done shard of a dataset folder, shard after shard (manifest order), each
+    checked as :func:`iter_shard` checks it; shards not done yet are left out."""
+    for shard in done_and_missing(dataset_dir)[0]:
+        yield from iter_shard(dataset_dir, shard)

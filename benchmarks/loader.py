@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
+from pipelines.synth import SyntheticSpec, write_synthetic_dataset  # noqa: E402
 from preprocessing.compact import decode_sync_mp4, encode_sync_mp4  # noqa: E402
 from preprocessing.media import decode_clip  # noqa: E402
 from preprocessing.shard_reader import iter_shard  # noqa: E402
@@ -49,7 +50,6 @@ from preprocessing.shards import done_and_missing  # noqa: E402
 from selva.mixing import MixConfig  # noqa: E402
 from training.data_check import PeakRSS  # noqa: E402
 from training.loader import LoaderConfig, build_loader  # noqa: E402
-from training.synthetic_data import SyntheticSpec, write_synthetic_dataset  # noqa: E402
 
 CLIPS = REPO_ROOT.parent / "shared" / "data" / "real"
 SIZES = {

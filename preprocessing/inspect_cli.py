@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from preprocessing.errors import Rejected
-from preprocessing.media import MediaInfo, StreamInfo, decode_clip, probe
+from preprocessing.media import decode_clip
+from preprocessing.media_probe import MediaInfo, StreamInfo, probe
 
 Out = Callable[[str], Any]
 

@@ -1,4 +1,7 @@
-"""Probe and decode media files into the model's inputs, with PyAV (DESIGN §3, §6).
+"""Decode a time range of a media file into the model's inputs, with PyAV (DESIGN §3, §6).
+
+Opening and probing (what a file holds, which stream is the video) is :mod:`preprocessing.media_probe`;
+per-stream decode rules are :mod:`preprocessing.media_video` and :mod:`preprocessing.media_audio`.
 
 ``decode_clip`` turns the time range [start, start + duration) of a video file into
 
@@ -44,19 +47,27 @@ then decoding from the top: the result equals decoding from the top and dropping
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import BinaryIO
 
 import av
 import numpy as np
 
 from preprocessing.errors import Rejected, RejectReason
 from preprocessing.media_audio import AUDIO_SHORTFALL_S, AudioCollector, place_audio
+from preprocessing.media_probe import (
+    MediaInfo,
+    MediaSource,
+    StreamInfo,
+    ffmpeg_reason,
+    media_label,
+    open_media,
+    probe,
+    probe_container,
+    video_stream,
+)
 from preprocessing.media_video import INTERPOLATION, MAX_PADDED_FRAMES, PTS_TOLERANCE_S, FramePicker, check_video
-from preprocessing.orientation import IDENTITY, Orientation, from_frame
+from preprocessing.orientation import IDENTITY, Orientation
 from selva.sequence import SequenceConfig
 
 TRAIN_PEAK = 0.95
@@ -64,93 +75,12 @@ SILENCE_PEAK = 1e-6
 SEEK_BACKOFF_S = (0.5, 4.0, 30.0)  # seconds before start each seek aims at, in turn; then the top
 AUDIO_PREROLL_S = 0.1  # after a seek, audio must begin this long before start
 
-MediaSource = str | os.PathLike[str] | BinaryIO
-
+# MediaInfo, StreamInfo, open_media, probe and video_stream live in preprocessing.media_probe and stay
+# importable from here: decode_clip's result carries a MediaInfo, and callers probe and decode together.
 __all__ = [
     "AUDIO_SHORTFALL_S", "INTERPOLATION", "MAX_PADDED_FRAMES", "PTS_TOLERANCE_S", "DecodedClip", "MediaInfo",
     "StreamInfo", "decode_clip", "open_media", "probe", "video_stream",
 ]  # fmt: skip
-
-
-@dataclass(frozen=True)
-class StreamInfo:
-    index: int
-    kind: str  # "video", "audio", "attached_pic" (cover art: not video), "subtitle", "data", ...
-    codec: str
-    duration: float | None  # seconds, as the container states it
-    width: int | None = None
-    height: int | None = None
-    fps: float | None = None
-    frames: int | None = None
-    sample_rate: int | None = None
-    channels: int | None = None
-    orientation: Orientation | None = None  # video: from the first frame's display matrix (None: not read)
-
-
-@dataclass(frozen=True)
-class MediaInfo:
-    name: str
-    format: str
-    duration: float | None  # seconds
-    size_bytes: int | None
-    streams: tuple[StreamInfo, ...]
-    video_index: int | None = None  # the stream decode_clip takes frames from (see video_stream)
-
-    def first(self, kind: str) -> StreamInfo | None:
-        return next((s for s in self.streams if s.kind == kind), None)
-
-    @property
-    def video(self) -> StreamInfo | None:
-        """The stream decode_clip takes frames from; attached pictures (kind ``attached_pic``) never are."""
-        if self.video_index is None:
-            return None
-        return next(s for s in self.streams if s.index == self.video_index)
-
-    @property
-    def audio(self) -> StreamInfo | None:
-        return self.first("audio")
-
-    def stream_summary(self) -> str:
-        kinds = [s.kind for s in self.streams]
-        return "streams: " + (", ".join(kinds) if kinds else "none")
-
-    def with_orientation(self, index: int, orientation: Orientation) -> MediaInfo:
-        streams = tuple(
-            dataclasses.replace(s, orientation=orientation) if s.index == index else s for s in self.streams
-        )
-        return dataclasses.replace(self, streams=streams)
-
-
-def is_attached_picture(stream: av.stream.Stream) -> bool:
-    """Cover art and image attachments: FFmpeg lists them as one-picture video streams."""
-    return bool(stream.disposition & av.stream.Disposition.attached_pic)
-
-
-def video_stream(container: av.container.InputContainer) -> av.VideoStream | None:
-    """The video stream to decode: not an attached picture; a default-flagged one first."""
-    candidates = [s for s in container.streams.video if not is_attached_picture(s)]
-    default = [s for s in candidates if s.disposition & av.stream.Disposition.default]
-    return (default or candidates or [None])[0]
-
-
-def probe_container(container: av.container.InputContainer, name: str, size: int | None) -> MediaInfo:
-    streams = []
-    chosen = video_stream(container)
-    for s in container.streams:
-        ctx = s.codec_context
-        kind = "attached_pic" if s.type == "video" and is_attached_picture(s) else s.type
-        common = dict(index=s.index, kind=kind, codec=ctx.name if ctx is not None else "unknown")
-        common["duration"] = float(s.duration * s.time_base) if s.duration is not None and s.time_base else None
-        if s.type == "video" and ctx is not None:
-            rate = s.average_rate or s.guessed_rate
-            extra = dict(width=ctx.width, height=ctx.height, fps=float(rate) if rate else None, frames=s.frames or None)
-        elif s.type == "audio" and ctx is not None:
-            extra = dict(sample_rate=ctx.sample_rate, channels=ctx.channels)
-        else:
-            extra = {}
-        streams.append(StreamInfo(**common, **extra))
-    duration = container.duration / av.time_base if container.duration is not None else None
-    return MediaInfo(name, container.format.name, duration, size, tuple(streams), chosen.index if chosen else None)
 
 
 @dataclass
@@ -166,73 +96,6 @@ class DecodedClip:
     padded_frames: int  # output frames filled by repeating a neighbour
     padded_samples: int  # audio samples inside [start, start + duration) filled with zeros
     orientation: Orientation = IDENTITY  # display transform applied to the frames (of the first kept frame)
-
-
-def _name_of(source: MediaSource, name: str | None) -> str:
-    if name is not None:
-        return name
-    if isinstance(source, (str, os.PathLike)):
-        return os.fspath(source)
-    return str(getattr(source, "name", "<stream>"))
-
-
-def _ffmpeg_reason(err: BaseException) -> str:
-    return getattr(err, "strerror", None) or str(err) or type(err).__name__
-
-
-def open_media(source: MediaSource, name: str | None = None) -> tuple[av.container.InputContainer, int | None]:
-    """Open ``source`` for reading, turning every way it can fail into :class:`Rejected`.
-
-    Returns the container and the file size in bytes (None for file objects).
-    """
-    label = _name_of(source, name)
-    size: int | None = None
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.exists():
-            raise Rejected(RejectReason.MISSING_FILE, f"{label}: no such file")
-        if not path.is_file():
-            raise Rejected(RejectReason.MISSING_FILE, f"{label}: not a regular file")
-        size = path.stat().st_size
-        if size == 0:
-            raise Rejected(RejectReason.UNDECODABLE, f"{label}: file is empty (0 bytes)")
-        source = os.fspath(path)
-    try:
-        container = av.open(source, mode="r", metadata_errors="ignore")
-    except (av.FFmpegError, OSError, ValueError) as err:  # InvalidDataError is a ValueError
-        raise Rejected(RejectReason.UNDECODABLE, f"{label}: cannot open as media: {_ffmpeg_reason(err)}") from None
-    return container, size
-
-
-def _first_orientation(container: av.container.InputContainer, stream: av.VideoStream) -> Orientation | None:
-    """The display orientation of the first decodable frame (None if none decodes in the first packets)."""
-    try:
-        for count, packet in enumerate(container.demux(stream)):
-            for frame in packet.decode():
-                return from_frame(frame)
-            if count > 300:
-                break
-    except av.FFmpegError:
-        pass
-    return None
-
-
-def probe(source: MediaSource, name: str | None = None) -> MediaInfo:
-    """Container and stream facts; raises :class:`Rejected` if it cannot open.
-
-    The only decoding is of the first video frame: FFmpeg exposes the display matrix on decoded
-    frames (PyAV has no stream side data), so that is where ``StreamInfo.orientation`` comes from.
-    """
-    label = _name_of(source, name)
-    container, size = open_media(source, label)
-    with container:
-        info = probe_container(container, label, size)
-        stream = video_stream(container)
-        if stream is not None:
-            orientation = _first_orientation(container, stream)
-            if orientation is not None:
-                info = info.with_orientation(stream.index, orientation)
-        return info
 
 
 def _seek(container: av.container.InputContainer, stream: av.VideoStream, time: float) -> None:
@@ -284,7 +147,7 @@ def _decode_range(
         if picker.prev is None:  # nothing decodable at all
             raise
         # A damaged tail (a truncated download): keep what decoded; the length checks decide.
-        picker.stream_error = _ffmpeg_reason(err)
+        picker.stream_error = ffmpeg_reason(err)
     picker.finish()
     audio.push(None)  # flush the resampler's delayed tail
     return picker, audio
@@ -327,7 +190,7 @@ def decode_clip(
     """
     if duration <= 0 or start < 0 or frame_size <= 0:
         raise ValueError(f"need duration > 0, start >= 0, frame_size > 0; got {duration}, {start}, {frame_size}")
-    label = _name_of(source, name)
+    label = media_label(source, name)
     seq = SequenceConfig(duration, sampling_rate=sample_rate, sync_frame_rate=fps)
     container: av.container.InputContainer | None
     container, size = open_media(source, label)
@@ -353,7 +216,7 @@ def decode_clip(
             try:
                 result = _decode_range(container, *args, seek_to=seek_to, threads=threads)
             except av.FFmpegError as err:  # after a seek: it landed on something undecodable, try earlier
-                result, error = None, _ffmpeg_reason(err)
+                result, error = None, ffmpeg_reason(err)
                 continue
             if seek_to is None or _landed(*result, t0):
                 break

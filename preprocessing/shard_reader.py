@@ -1,11 +1,12 @@
 """Reading shards safely: whitelisted members, ``.npy`` parsed without pickle, keys checked in order.
 
 A shard is data, never code (DESIGN §8). The reader therefore accepts only the member suffixes of
-the format (``shards.MEMBER_ORDER``); anything else -- ``.pth``, ``.pkl``, a stray ``.npz`` -- is an
-error naming the member. Arrays are parsed by reading the ``.npy`` header ourselves and checking the
-dtype against ``ARRAY_FIELDS`` *before* touching the data, so an object array (the only kind that
-needs unpickling) is refused without ever reaching ``pickle``, and a header that claims more data than
-the member holds cannot make us allocate it.
+the format (``shards.MEMBER_ORDER``, enforced by the walk rules of ``preprocessing.tar_walk``);
+anything else -- ``.pth``, ``.pkl``, a stray ``.npz`` -- is an error naming the member. Arrays are
+parsed by reading the ``.npy`` header ourselves and checking the dtype against ``ARRAY_FIELDS``
+*before* touching the data, so an object array (the only kind that needs unpickling) is refused
+without ever reaching ``pickle``, and a header that claims more data than the member holds cannot
+make us allocate it.
 
 ``iter_tar`` works on any binary stream (a local file, an HTTP or object-store stream); ``iter_shard``
 adds the dataset-folder checks: the marker exists, the tar has the marker's size, and the marker's keys
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import tarfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,12 +32,13 @@ from preprocessing.shards import (
     MEMBER_ORDER,
     REQUIRED_MEMBERS,
     ShardError,
+    done_and_missing,
     read_failures,
     shard_state,
     shard_tar_path,
 )
+from preprocessing.tar_walk import bad_name_message, iter_sample_groups
 
-_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 _MAX_NPY_HEADER = 10_000
 
 
@@ -100,25 +101,21 @@ def decode_sample(key: str, members: Mapping[str, bytes], source: str) -> ShardS
     return ShardSample(key, meta, sync_mp4, audio_flac, arrays)
 
 
-def _split_name(name: str, source: str) -> tuple[str, str]:
-    key, dot, suffix = name.partition(".")
-    if not dot or not _KEY.match(key):
-        raise ShardError(f"{source}: member {name!r} is not named <key>.<field>")
-    return key, suffix
-
-
 def iter_tar(stream: BinaryIO, *, source: str, expected_keys: Sequence[str] | None = None) -> Iterator[ShardSample]:
     """Samples of a shard tar read from ``stream`` (sequentially: no seeking needed).
 
-    With ``expected_keys``, each sample must be the next expected key and the tar must hold them all;
-    without it, only the format is checked. Every problem raises ``ShardError`` naming ``source``.
+    The walk rules (member names, whitelist, grouping) are ``preprocessing.tar_walk``'s; here every
+    breach of them is fatal. With ``expected_keys``, each sample must be the next expected key and the
+    tar must hold them all; without it, only the format is checked. Every problem raises
+    ``ShardError`` naming ``source``.
     """
     position = 0
-    current: str | None = None
-    members: dict[str, bytes] = {}
     seen: set[str] = set()
 
-    def start(key: str, name: str) -> None:
+    def bad_name(info: tarfile.TarInfo) -> None:
+        raise ShardError(f"{source}: {bad_name_message(info.name)}")
+
+    def check_key(key: str, name: str) -> None:
         if key in seen:
             raise ShardError(f"{source}: member {name}: sample {key} appears twice or is not contiguous")
         if expected_keys is not None:
@@ -133,25 +130,16 @@ def iter_tar(stream: BinaryIO, *, source: str, expected_keys: Sequence[str] | No
 
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
-            for info in tar:
-                if not info.isreg():  # links, folders and devices have no place in a shard
-                    raise ShardError(f"{source}: member {info.name!r} is not a regular file")
-                key, suffix = _split_name(info.name, source)
-                if suffix not in MEMBER_ORDER:  # refuse before reading a byte of it
-                    raise ShardError(f"{source}: member {info.name}: unexpected member type {suffix!r}")
-                if key != current:
-                    if current is not None:
-                        yield decode_sample(current, members, source)
-                        position += 1
-                    start(key, info.name)
-                    current, members = key, {}
-                if suffix in members:
-                    raise ShardError(f"{source}: member {info.name} appears twice")
-                handle = tar.extractfile(info)
-                assert handle is not None  # regular files always have content
-                members[suffix] = handle.read()
-            if current is not None:
-                yield decode_sample(current, members, source)
+            for group in iter_sample_groups(tar, bad_name):
+                check_key(group.key, group.first_name)
+                members: dict[str, bytes] = {}
+                for member in group.members():
+                    if member.problem is not None:
+                        raise ShardError(f"{source}: {member.problem}")
+                    handle = tar.extractfile(member.info)
+                    assert handle is not None  # regular files always have content
+                    members[member.field] = handle.read()
+                yield decode_sample(group.key, members, source)
                 position += 1
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise ShardError(f"{source}: damaged or truncated tar after {position} sample(s): {exc}") from exc
@@ -191,3 +179,10 @@ def iter_shard(
             )
     with open(tar_path, "rb") as stream:
         yield from iter_tar(stream, source=str(tar_path), expected_keys=expected)
+
+
+def iter_dataset(dataset_dir: str | Path) -> Iterator[ShardSample]:
+    """Samples of every done shard of a dataset folder, shard after shard (manifest order), each
+    checked as :func:`iter_shard` checks it; shards not done yet are left out."""
+    for shard in done_and_missing(dataset_dir)[0]:
+        yield from iter_shard(dataset_dir, shard)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from selva.flow_matching import FlowMatching
 from selva.generator import Generator
+from selva.textsynch import TextSynch
 
 
 def sample_latents(
@@ -36,3 +38,36 @@ def sample_latents(
         return generator.cfg_flow(x, t_batch, cond, empty, cfg_strength)
 
     return FlowMatching(min_sigma=0.0, num_steps=steps).to_data(velocity, noise, on_step)
+
+
+@dataclass(frozen=True)
+class Generated:
+    """What :func:`generate_latents` produced: ``sync`` (B, S*8, D) TextSynch features and ``latent``
+    (B, N, latent_dim), unnormalised (ready for a codec's ``decode``)."""
+
+    sync: torch.Tensor
+    latent: torch.Tensor
+
+
+def generate_latents(
+    textsynch: TextSynch,
+    generator: Generator,
+    video: torch.Tensor,
+    t5: torch.Tensor,
+    t5_mask: torch.Tensor,
+    clip_text: torch.Tensor,
+    noise: torch.Tensor,
+    *,
+    steps: int = 25,
+    cfg_strength: float = 4.5,
+) -> Generated:
+    """Both SELVA stages at inference: TextSynch on the video, then :func:`sample_latents`.
+
+    ``video`` (B, T, 3, H, W) in [-1, 1]; ``t5`` (B, L, Dt5) with its bool mask (B, L); ``clip_text``
+    (B, 77, Dclip); ``noise`` (B, N, latent_dim) is the starting point, drawn by the caller so that
+    its random stream is the caller's choice. Runs without autograd.
+    """
+    with torch.inference_mode():
+        sync = textsynch(video, t5, t5_mask)
+        latent = sample_latents(generator, noise, sync, clip_text, steps=steps, cfg_strength=cfg_strength)
+        return Generated(sync, generator.unnormalize(latent))

@@ -1,28 +1,14 @@
-"""Where official weights live, and loading them into our modules.
+"""Checking that the official weights folder holds what a job needs, and loading its files into our modules.
 
-One folder (``--weights DIR``) mirrors the official SELVA/MMAudio release layout, so a user can point
-at the folder they already downloaded. Names are the release's own:
-
-```
-DIR/
-  weights/generator_small_16k_sup_5.pth     SELVA generator (stage-2 result; used by generation)
-  weights/video_enc_sup_5.pth               SELVA TextSynch video encoder, 5 [SUP] tokens
-  weights/mmaudio_small_16k.pth             MMAudio small 16 kHz generator (stage-2 init, stage-1 frozen)
-  ext_weights/v1-16.pth                     MMAudio 16 kHz mel VAE
-  ext_weights/best_netG.pt                  BigVGAN 16 kHz vocoder
-  ext_weights/synchformer_state_dict.pth    Synchformer (MotionFormer backbone that initialises TextSynch)
-  flan-t5-base/                             transformers folder of google/flan-t5-base
-  clip-vit-h-14-384/                        open_clip files of apple/DFN5B-CLIP-ViT-H-14-384
-```
-
-Jobs call :func:`require` with the roles they need *before* any work starts, and get one error that
-lists every missing file and where it belongs. Nothing here downloads: weights are data on disk.
+The folder's layout (``--weights DIR``, the release's own names) is registered in
+:mod:`selva.weight_layout`; its names are re-exported here. Jobs call :func:`require` with the roles
+they need *before* any work starts, and get one error that lists every missing file and where it
+belongs. Nothing here downloads: weights are data on disk.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from selva.checkpoint import load_strict, read_state_dict
@@ -31,28 +17,19 @@ from selva.presets import ModelPreset
 from selva.text.clip import find_clip_weights
 from selva.text.t5 import check_t5_folder
 from selva.textsynch import TextSynch
+from selva.weight_layout import GENERATE_ROLES, OFFICIAL_FILES, PRECOMPUTE_ROLES, WeightFile, official_path
 
-
-@dataclass(frozen=True)
-class WeightFile:
-    path: str  # relative to the weights folder
-    what: str
-
-
-OFFICIAL_FILES: dict[str, WeightFile] = {
-    "selva_generator": WeightFile("weights/generator_small_16k_sup_5.pth", "SELVA generator (small 16 kHz)"),
-    "textsynch": WeightFile("weights/video_enc_sup_5.pth", "SELVA TextSynch video encoder (5 [SUP] tokens)"),
-    "mmaudio_generator": WeightFile("weights/mmaudio_small_16k.pth", "MMAudio small 16 kHz generator"),
-    "vae": WeightFile("ext_weights/v1-16.pth", "MMAudio 16 kHz mel VAE"),
-    "vocoder": WeightFile("ext_weights/best_netG.pt", "BigVGAN 16 kHz vocoder"),
-    "synchformer": WeightFile("ext_weights/synchformer_state_dict.pth", "Synchformer (MotionFormer backbone)"),
-    "flan_t5": WeightFile("flan-t5-base", "FLAN-T5-base transformers folder"),
-    "clip": WeightFile("clip-vit-h-14-384", "DFN5B CLIP ViT-H-14-384 open_clip folder"),
-}
-
-# what each job needs
-PRECOMPUTE_ROLES = ("vae", "flan_t5", "clip")  # precompute only encodes: no vocoder
-GENERATE_ROLES = ("selva_generator", "textsynch", "vae", "vocoder", "flan_t5", "clip")
+__all__ = [
+    "GENERATE_ROLES",
+    "OFFICIAL_FILES",
+    "PRECOMPUTE_ROLES",
+    "MissingWeightsError",
+    "WeightFile",
+    "load_generator",
+    "load_synchformer_backbone",
+    "load_textsynch",
+    "require",
+]
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -70,7 +47,7 @@ def require(weights_dir: str | os.PathLike | None, roles: tuple[str, ...] | list
             "use --encoders embedded to run without downloaded weights"
         )
     root = Path(weights_dir)
-    paths = {role: root / OFFICIAL_FILES[role].path for role in roles}
+    paths = {role: official_path(root, role) for role in roles}
     problems = []
     for role, path in paths.items():
         where = f"{OFFICIAL_FILES[role].what}; expected at DIR/{OFFICIAL_FILES[role].path}"

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from test_loader import corrupt
 
+from pipelines.synth import write_synthetic_dataset
 from training import data_check_cli
 from training.data_check import CheckReport, EpochReport
-from training.synthetic_data import write_synthetic_dataset
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The streaming training loader: coverage, equal steps, batch contract, error skipping, exact resume.
 
-Datasets are written by the real shard writer (training/synthetic_data.py) with real H.264 frames,
+Datasets are written by the real shard writer (pipelines/synth.py) with real H.264 frames,
 22 samples in shards of 5, 5, 5, 5 and 2 (an uneven shard count and an uneven last shard).
 """
 
@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.synth import sample_level, write_synthetic_dataset
 from preprocessing.compact import decode_sync_mp4
 from preprocessing.shard_reader import iter_shard
 from preprocessing.shards import ShardError, done_and_missing, shard_marker_path, shard_tar_path
@@ -34,7 +35,6 @@ from training.shard_order import (
     seeded_rng,
     source_from_urls,
 )
-from training.synthetic_data import sample_level, write_synthetic_dataset
 
 NUM, PER_SHARD = 22, 5
 
@@ -364,3 +364,26 @@ def test_resume_refuses_another_layout(dataset):
         other.load_state_dict(state)
     other.load_state_dict(state, strict=False)
     assert (other.epoch, other.batch_in_epoch) == (1, 0)
+
+
+def test_collate_in_a_worker_allocates_shared_memory():
+    from training.sample_stream import collate
+
+    rng = np.random.default_rng(0)
+    samples = [
+        {
+            "key": f"k{i}",
+            "text": "t",
+            "video_u8": np.full((2, 4, 4, 3), i, np.uint8),
+            "t5": rng.standard_normal((n, 3)).astype(np.float32),
+            "t5_mask": np.ones(n, np.bool_),
+            "clip_text": rng.standard_normal((5, 2)).astype(np.float16),
+        }
+        for i, n in enumerate((2, 4))
+    ]
+    shared, private = collate(samples, shared=True), collate(samples, shared=False)
+    for name in ("video_u8", "t5", "t5_mask", "clip_text"):
+        assert shared[name].is_shared() and not private[name].is_shared()
+        assert torch.equal(shared[name], private[name])
+    assert shared["t5_mask"].tolist() == [[True, True, False, False], [True] * 4]
+    assert shared["clip_text"].dtype == torch.float32

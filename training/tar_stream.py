@@ -10,7 +10,8 @@ Opening uses ``webdataset.gopen``, so every URL WebDataset streams works here to
 curl. Local files are read in random-access mode so that samples before a segment's start are
 skipped by seeking over their data instead of reading it.
 
-The tar walk applies the shard format's rules before any byte of a member is read: a member
+The tar walk applies the shard format's rules (``preprocessing.tar_walk``, shared with the strict
+``preprocessing.shard_reader``) before any byte of a member is read: a member
 suffix outside the format (``.pth``, ``.pkl``, ...) or a member that is not a regular file marks its
 sample as damaged (counted and skipped when emitted), it is never read; arrays are later parsed by
 ``preprocessing.shard_reader.decode_sample`` with ``allow_pickle=False`` semantics. WebDataset's own
@@ -22,19 +23,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import tarfile
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from preprocessing.shards import MEMBER_ORDER
+from preprocessing.tar_walk import bad_name_message, iter_sample_groups
 from training.shard_order import Segment, ShardEntry, local_path
 
 log = logging.getLogger("selva.loader")
 
-_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 # The loader trains on precomputed latents, not on the waveform: audio.flac (often the largest
 # member) is checked for presence but its bytes are never read into memory.
 UNREAD_MEMBERS = frozenset({"audio.flac"})
@@ -115,7 +114,6 @@ def iter_segment(shard: ShardEntry, segment: Segment, errors: ErrorLog) -> Itera
     """
     url = shard.url
     position = -1  # of the sample being collected
-    current: RawSample | None = None
     stop = segment.stop
 
     def lost() -> int:
@@ -125,39 +123,31 @@ def iter_segment(shard: ShardEntry, segment: Segment, errors: ErrorLog) -> Itera
     try:
         expected = _expected_keys(shard)
         with _open_tar(url) as tar:
-            for info in tar:
-                key, dot, suffix = info.name.partition(".")
-                if not dot or not _KEY.match(key):
-                    errors.record(
-                        "member", f"{url}: member {info.name!r} is not named <key>.<field>", ident=(url, info.name)
-                    )
-                    continue
-                if current is None or key != current.key:
-                    if current is not None and position >= segment.start:
-                        yield current
-                    position += 1
-                    tar.members = []  # TarFile keeps every header it has seen; a shard can hold 10^4
-                    if stop is not None and position >= stop:
-                        return  # closing early: a pipe: reader sees SIGPIPE, which gopen ignores
-                    if expected is not None and (position >= len(expected) or expected[position] != key):
-                        want = expected[position] if position < len(expected) else "no more samples"
-                        raise ValueError(f"sample {position} is {key}, the marker says {want}")
-                    current = RawSample(key, url)
-                if position < segment.start or current.problem is not None:
+
+            def bad_name(info: tarfile.TarInfo) -> None:
+                errors.record("member", f"{url}: {bad_name_message(info.name)}", ident=(url, info.name))
+
+            for group in iter_sample_groups(tar, bad_name):
+                position = group.position
+                if stop is not None and position >= stop:
+                    return  # closing early: a pipe: reader sees SIGPIPE, which gopen ignores
+                if expected is not None and (position >= len(expected) or expected[position] != group.key):
+                    want = expected[position] if position < len(expected) else "no more samples"
+                    raise ValueError(f"sample {position} is {group.key}, the marker says {want}")
+                if position < segment.start:
                     continue  # skipping: the data is never read (a seek for local files)
-                if not info.isreg():
-                    current.problem = f"member {info.name} is not a regular file"
-                elif suffix not in MEMBER_ORDER:
-                    current.problem = f"member {info.name}: unexpected member type {suffix!r}"
-                elif suffix in current.members:
-                    current.problem = f"member {info.name} appears twice"
-                elif suffix in UNREAD_MEMBERS:
-                    current.members[suffix] = b""
-                else:
-                    handle = tar.extractfile(info)
-                    current.members[suffix] = handle.read() if handle is not None else b""
-            if current is not None and position >= segment.start:
-                yield current
+                sample = RawSample(group.key, url)
+                for member in group.members():
+                    if sample.problem is not None:
+                        continue  # a damaged sample's other members are never read
+                    if member.problem is not None:
+                        sample.problem = member.problem
+                    elif member.field in UNREAD_MEMBERS:
+                        sample.members[member.field] = b""
+                    else:
+                        handle = tar.extractfile(member.info)
+                        sample.members[member.field] = handle.read() if handle is not None else b""
+                yield sample  # after its last member: a damaged tar past it loses it with the rest
             position += 1
         if stop is not None and position < stop:
             raise ValueError(f"truncated: {position} sample(s), the segment ends at {stop}")

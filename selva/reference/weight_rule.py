@@ -4,10 +4,9 @@ Every *parameter* of an official module gets ``uni(weight_salt + name, numel)`` 
 flat index, seeded by the CRC-32 of the string), scaled by a per-category formula and cast to
 float32. Buffers keep their official constructor values and are not produced here.
 
-The models hold 100-170 M parameters, so the hash is vectorised with numpy ``uint64`` arithmetic
-(which wraps modulo 2^64, exactly as the spec asks) and evaluated in fixed-size chunks to bound the
-memory of the temporaries. Chunks are independent, so they are spread over a small thread pool:
-numpy releases the GIL inside its ufuncs.
+``uni`` itself lives in the product module :mod:`selva.seeded_uniform` (the embedded text encoders
+derive their fixed projections from it too); this module adds what only the reference rule needs:
+categories, scaling, manifests.
 """
 
 from __future__ import annotations
@@ -15,80 +14,29 @@ from __future__ import annotations
 import json
 import math
 import os
-import zlib
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-# 2^52: with k = z >> 11 (53 bits), 2 * (k * 2^-53) - 1 == (k - 2^52) * 2^-52 exactly, because both
-# sides are exactly representable doubles. The integer form saves two passes over the data.
-_HALF = np.int64(1 << 52)
-_ULP = 2.0**-52
+from selva.seeded_uniform import CHUNK, crc32, parallel_chunks, uni, uni_into
 
-CHUNK = 1 << 20
-"""Values per chunk: 8 MiB per uint64 temporary, small enough to stay cache friendly."""
+__all__ = [
+    "CATEGORIES",
+    "CHUNK",
+    "crc32",
+    "iter_rule_tensors",
+    "manifest",
+    "rule_category",
+    "rule_state_dict",
+    "rule_tensor",
+    "uni",
+]
 
 CATEGORIES = ("gain", "wn_gain", "bias", "fanin", "other")
 
 Manifest = list[tuple[str, tuple[int, ...], str, str]]
-
-
-def crc32(text: str) -> int:
-    """The IEEE CRC-32 of the UTF-8 bytes, unsigned (0..2^32-1): the SplitMix64 seed."""
-    return zlib.crc32(text.encode("utf-8")) & 0xFFFFFFFF
-
-
-def _uni_into(seed: int, start: int, out: np.ndarray) -> None:
-    """Write uni values for flat indices [start, start + len(out)) into the float64 array ``out``."""
-    n = out.shape[0]
-    z = np.arange(start + 1, start + n + 1, dtype=np.uint64)
-    tmp = np.empty_like(z)
-    z *= _GOLDEN
-    z += np.uint64(seed)
-    np.right_shift(z, np.uint64(30), out=tmp)
-    z ^= tmp
-    z *= _MIX1
-    np.right_shift(z, np.uint64(27), out=tmp)
-    z ^= tmp
-    z *= _MIX2
-    np.right_shift(z, np.uint64(31), out=tmp)
-    z ^= tmp
-    z >>= np.uint64(11)  # 53 significant bits: fits int64 without loss
-    k = z.view(np.int64)
-    k -= _HALF
-    np.multiply(k, _ULP, out=out)  # int64 -> float64 is exact below 2^53
-
-
-def _workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
-
-
-def _chunked(n: int, fill: Callable[[int, int], None]) -> None:
-    """Call ``fill(start, stop)`` for every chunk of [0, n), in parallel when there are several."""
-    bounds = [(s, min(s + CHUNK, n)) for s in range(0, n, CHUNK)]
-    if len(bounds) <= 1:
-        for s, e in bounds:
-            fill(s, e)
-        return
-    with ThreadPoolExecutor(max_workers=_workers()) as pool:
-        # list() re-raises the first worker exception here.
-        list(pool.map(lambda b: fill(*b), bounds))
-
-
-def uni(name: str, n: int) -> np.ndarray:
-    """``n`` float64 values in [-1, 1): SplitMix64 over the flat index, seeded by crc32(name)."""
-    if n < 0:
-        raise ValueError(f"uni: negative length {n}")
-    seed = crc32(name)
-    out = np.empty(n, dtype=np.float64)
-    _chunked(n, lambda s, e: _uni_into(seed, s, out[s:e]))
-    return out
 
 
 def rule_category(name: str, shape: Sequence[int]) -> str:
@@ -156,11 +104,11 @@ def rule_tensor(name: str, shape: Sequence[int], salt: str = "") -> torch.Tensor
 
     def fill(s: int, e: int) -> None:
         v = np.empty(e - s, dtype=np.float64)
-        _uni_into(seed, s, v)
+        uni_into(seed, s, v)
         scale(v)
         out[s:e] = v  # float64 -> float32 assignment rounds to nearest (IEEE default)
 
-    _chunked(n, fill)
+    parallel_chunks(n, fill)
     return torch.from_numpy(out.reshape(shape))
 
 

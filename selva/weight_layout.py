@@ -1,0 +1,59 @@
+"""The official weights folder's layout: the one registry of its file and folder names.
+
+One folder (``--weights DIR``) mirrors the official SELVA/MMAudio release layout, so a user can point
+at the folder they already downloaded. Names are the release's own:
+
+```
+DIR/
+  weights/generator_small_16k_sup_5.pth     SELVA generator (stage-2 result; used by generation)
+  weights/video_enc_sup_5.pth               SELVA TextSynch video encoder, 5 [SUP] tokens
+  weights/mmaudio_small_16k.pth             MMAudio small 16 kHz generator (stage-2 init, stage-1 frozen)
+  ext_weights/v1-16.pth                     MMAudio 16 kHz mel VAE
+  ext_weights/best_netG.pt                  BigVGAN 16 kHz vocoder
+  ext_weights/synchformer_state_dict.pth    Synchformer (MotionFormer backbone that initialises TextSynch)
+  flan-t5-base/                             transformers folder of google/flan-t5-base
+  clip-vit-h-14-384/                        open_clip files of apple/DFN5B-CLIP-ViT-H-14-384
+```
+
+This module imports nothing of the project, so both :mod:`selva.weights` (checking and loading) and
+:mod:`selva.text` (the two text folders) read names from here without an import cycle. What lies
+*inside* the text folders is the text package's business (``selva.text.t5``, ``selva.text.clip``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One entry of the layout: ``path`` relative to the weights folder (a file or a folder), and what it is."""
+
+    path: str
+    what: str
+
+
+OFFICIAL_FILES: dict[str, WeightFile] = {
+    "selva_generator": WeightFile("weights/generator_small_16k_sup_5.pth", "SELVA generator (small 16 kHz)"),
+    "textsynch": WeightFile("weights/video_enc_sup_5.pth", "SELVA TextSynch video encoder (5 [SUP] tokens)"),
+    "mmaudio_generator": WeightFile("weights/mmaudio_small_16k.pth", "MMAudio small 16 kHz generator"),
+    "vae": WeightFile("ext_weights/v1-16.pth", "MMAudio 16 kHz mel VAE"),
+    "vocoder": WeightFile("ext_weights/best_netG.pt", "BigVGAN 16 kHz vocoder"),
+    "synchformer": WeightFile("ext_weights/synchformer_state_dict.pth", "Synchformer (MotionFormer backbone)"),
+    "flan_t5": WeightFile("flan-t5-base", "FLAN-T5-base transformers folder"),
+    "clip": WeightFile("clip-vit-h-14-384", "DFN5B CLIP ViT-H-14-384 open_clip folder"),
+}
+
+# what each job needs
+PRECOMPUTE_ROLES = ("vae", "flan_t5", "clip")  # precompute only encodes: no vocoder
+GENERATE_ROLES = ("selva_generator", "textsynch", "vae", "vocoder", "flan_t5", "clip")
+
+
+def official_path(weights_dir: str | os.PathLike, role: str) -> Path:
+    """Where ``role``'s file or folder lies under ``weights_dir``; KeyError for an unknown role.
+
+    Does not check that it exists (``selva.weights.require`` does, for a whole job at once).
+    """
+    return Path(weights_dir) / OFFICIAL_FILES[role].path

@@ -54,6 +54,7 @@ import av
 import numpy as np
 
 from preprocessing.errors import Rejected, RejectReason
+from preprocessing.faults import FaultClass, classify, is_transient
 from preprocessing.media_audio import AUDIO_SHORTFALL_S, AudioCollector, place_audio
 from preprocessing.media_video import INTERPOLATION, MAX_PADDED_FRAMES, PTS_TOLERANCE_S, FramePicker, check_video
 from preprocessing.orientation import IDENTITY, Orientation, from_frame
@@ -61,6 +62,10 @@ from selva.sequence import SequenceConfig
 
 TRAIN_PEAK = 0.95
 SILENCE_PEAK = 1e-6
+# FFmpeg's HTTP reader, on a connection that drops mid-response: reconnect at the offset reached.
+# Without it a dropped transfer reads as a truncated file (InvalidDataError), a data error we
+# would record for good. A failure to connect at all still raises (ECONNRESET, ...): the caller retries.
+HTTP_OPTIONS = {"reconnect": "1", "reconnect_max_retries": "5"}
 SEEK_BACKOFF_S = (0.5, 4.0, 30.0)  # seconds before start each seek aims at, in turn; then the top
 AUDIO_PREROLL_S = 0.1  # after a seek, audio must begin this long before start
 
@@ -181,13 +186,15 @@ def _ffmpeg_reason(err: BaseException) -> str:
 
 
 def open_media(source: MediaSource, name: str | None = None) -> tuple[av.container.InputContainer, int | None]:
-    """Open ``source`` for reading, turning every way it can fail into :class:`Rejected`.
+    """Open ``source`` for reading, turning every way the file can be bad into :class:`Rejected`.
 
-    Returns the container and the file size in bytes (None for file objects).
+    Storage and network faults (``preprocessing.faults``: ECONNRESET, EIO, an HTTP 5xx, ...) are
+    raised as they are: they say nothing about the file, and the caller may retry them. Returns the
+    container and the file size in bytes (None for file objects and URLs).
     """
     label = _name_of(source, name)
     size: int | None = None
-    if isinstance(source, (str, os.PathLike)):
+    if isinstance(source, (str, os.PathLike)) and "://" not in os.fspath(source):  # URLs go to FFmpeg as they are
         path = Path(source)
         if not path.exists():
             raise Rejected(RejectReason.MISSING_FILE, f"{label}: no such file")
@@ -197,9 +204,15 @@ def open_media(source: MediaSource, name: str | None = None) -> tuple[av.contain
         if size == 0:
             raise Rejected(RejectReason.UNDECODABLE, f"{label}: file is empty (0 bytes)")
         source = os.fspath(path)
+    url = isinstance(source, str) and source.startswith(("http://", "https://"))
     try:
-        container = av.open(source, mode="r", metadata_errors="ignore")
+        container = av.open(source, mode="r", metadata_errors="ignore", options=dict(HTTP_OPTIONS) if url else None)
     except (av.FFmpegError, OSError, ValueError) as err:  # InvalidDataError is a ValueError
+        kind = classify(err)
+        if kind is FaultClass.TRANSIENT:
+            raise
+        if kind is FaultClass.MISSING:  # a URL that is not there (404): checked like a local path
+            raise Rejected(RejectReason.MISSING_FILE, f"{label}: not found: {_ffmpeg_reason(err)}") from None
         raise Rejected(RejectReason.UNDECODABLE, f"{label}: cannot open as media: {_ffmpeg_reason(err)}") from None
     return container, size
 
@@ -281,7 +294,7 @@ def _decode_range(
             if picker.done and audio_done:
                 break
     except av.FFmpegError as err:
-        if picker.prev is None:  # nothing decodable at all
+        if picker.prev is None or is_transient(err):  # nothing decodable at all, or the storage failed
             raise
         # A damaged tail (a truncated download): keep what decoded; the length checks decide.
         picker.stream_error = _ffmpeg_reason(err)
@@ -322,7 +335,8 @@ def decode_clip(
 
     ``start`` and ``duration`` are seconds on the file's own time line, counted from the container's
     start time. Raises :class:`Rejected` (missing_file, undecodable, no_video, no_audio, too_short,
-    silent). ``threads`` caps FFmpeg's decode and scale threads (0: automatic, one per core); a worker
+    silent); a storage or network fault (``preprocessing.faults.is_transient``) is raised as it is.
+    ``threads`` caps FFmpeg's decode and scale threads (0: automatic, one per core); a worker
     that owns one core should pass 1, or parallel workers oversubscribe the machine.
     """
     if duration <= 0 or start < 0 or frame_size <= 0:
@@ -353,6 +367,8 @@ def decode_clip(
             try:
                 result = _decode_range(container, *args, seek_to=seek_to, threads=threads)
             except av.FFmpegError as err:  # after a seek: it landed on something undecodable, try earlier
+                if is_transient(err):  # not the file's fault: the caller decides whether to retry
+                    raise
                 result, error = None, _ffmpeg_reason(err)
                 continue
             if seek_to is None or _landed(*result, t0):

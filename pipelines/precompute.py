@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pipelines.shard_processor import EncoderSpec, ShardResult
+from preprocessing.faults import DEFAULT_RETRY_DELAYS
 from preprocessing.manifest import (
     ManifestProblem,
     ManifestRow,
@@ -71,10 +72,15 @@ class PrecomputeConfig:
     batch_size: int = 16
     max_failed_fraction: float = 0.5
     max_infra_retries: int = 3
+    max_clip_crashes: int = 2  # worker deaths blamed on one clip before it is recorded as crashes_worker
+    retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS  # back-off of a clip read after a storage fault
     progress: bool = True
 
     def spec(self, device: str = "cpu") -> EncoderSpec:
-        return EncoderSpec(self.preset, self.encoders, self.weights, device, self.batch_size, self.max_failed_fraction)
+        return EncoderSpec(
+            self.preset, self.encoders, self.weights, device, self.batch_size, self.max_failed_fraction,
+            retry_delays=tuple(self.retry_delays),
+        )
 
 
 @dataclass
@@ -90,6 +96,8 @@ class PrecomputeReport:
     worker_start_seconds: float = 0.0  # actors up with their encoders loaded
     run_seconds: float = 0.0
     infra_retries: int = 0
+    clip_crashes: int = 0  # worker deaths blamed on the clip being decoded
+    read_retries: int = 0  # clip reads retried after a storage or network fault
 
     def table(self) -> str:
         lines = [
@@ -105,6 +113,11 @@ class PrecomputeReport:
         )
         if self.infra_retries:
             lines.append(f"        {self.infra_retries} shard attempts retried after worker failures")
+        if self.clip_crashes:
+            lines.append(f"        {self.clip_crashes} worker deaths while decoding a clip (crashes_worker after "
+                         f"repeated deaths on one clip)")
+        if self.read_retries:
+            lines.append(f"        {self.read_retries} clip reads retried after storage or network faults")
         return "\n".join(lines)
 
 
@@ -288,6 +301,7 @@ def add_result(report: PrecomputeReport, result: ShardResult) -> None:
     report.ok += result.ok
     report.failed += result.failed
     report.failures_by_reason.update(result.failures_by_reason)
+    report.read_retries += result.retries
     report.timings.update(result.timings)
 
 

@@ -184,7 +184,7 @@ def prepare_dataset(cfg: PrecomputeConfig) -> tuple[list[ManifestRow], DatasetIn
     shards = Counter(split for _shard, split in {(r.shard, r.split) for r in rows})
     info = DatasetInfo(
         preset=cfg.preset,
-        media_root=str(Path(media_root).resolve()),
+        media_root=media_root if "://" in media_root else str(Path(media_root).resolve()),  # a URL as given
         encoders=_encoder_description(cfg),
         sequence_lengths={"latent": seq.latent_seq_len, "clip_text": preset.generator.text_seq_len,
                           "sync_frames": seq.sync_num_frames, "audio_samples": seq.num_audio_frames},

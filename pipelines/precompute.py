@@ -9,9 +9,11 @@ encoders once; write every shard atomically (tar, failures, marker last). A reru
 missing, so a killed job resumes where it stopped; ``--retry-failed`` re-attempts only the recorded
 failures, keeping every sample already written.
 
-Infrastructure errors (an actor or its node died) are retried on a fresh actor; data errors are
-recorded per clip and never retried; a shard over its failure budget or an encoder error stops
-the job with a message naming the shard. ``RAY_ADDRESS`` (or ``ray job submit``) sends the same
+Infrastructure errors (an actor or its node died) are retried on a fresh actor (a clip that kills
+its worker repeatedly is recorded as ``crashes_worker``); data errors are recorded per clip and
+never retried; storage faults are retried per clip, then fail the shard (docs/precompute.md, "Error
+classes"); a shard over its failure budget or an encoder error stops the job with a message naming
+the shard. ``RAY_ADDRESS`` (or ``ray job submit``) sends the same
 command to a cluster.
 """
 

@@ -9,9 +9,11 @@ encoders once; write every shard atomically (tar, failures, marker last). A reru
 missing, so a killed job resumes where it stopped; ``--retry-failed`` re-attempts only the recorded
 failures, keeping every sample already written.
 
-Infrastructure errors (an actor or its node died) are retried on a fresh actor; data errors are
-recorded per clip and never retried; a shard over its failure budget or an encoder error stops
-the job with a message naming the shard. ``RAY_ADDRESS`` (or ``ray job submit``) sends the same
+Infrastructure errors (an actor or its node died) are retried on a fresh actor (a clip that kills
+its worker repeatedly is recorded as ``crashes_worker``); data errors are recorded per clip and
+never retried; storage faults are retried per clip, then fail the shard (docs/precompute.md, "Error
+classes"); a shard over its failure budget or an encoder error stops the job with a message naming
+the shard. ``RAY_ADDRESS`` (or ``ray job submit``) sends the same
 command to a cluster.
 """
 
@@ -23,6 +25,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pipelines.shard_processor import EncoderSpec, ShardResult
+from preprocessing.faults import DEFAULT_RETRY_DELAYS
 from preprocessing.manifest import (
     ManifestProblem,
     ManifestRow,
@@ -71,10 +74,15 @@ class PrecomputeConfig:
     batch_size: int = 16
     max_failed_fraction: float = 0.5
     max_infra_retries: int = 3
+    max_clip_crashes: int = 2  # worker deaths blamed on one clip before it is recorded as crashes_worker
+    retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS  # back-off of a clip read after a storage fault
     progress: bool = True
 
     def spec(self, device: str = "cpu") -> EncoderSpec:
-        return EncoderSpec(self.preset, self.encoders, self.weights, device, self.batch_size, self.max_failed_fraction)
+        return EncoderSpec(
+            self.preset, self.encoders, self.weights, device, self.batch_size, self.max_failed_fraction,
+            retry_delays=tuple(self.retry_delays),
+        )
 
 
 @dataclass
@@ -90,6 +98,8 @@ class PrecomputeReport:
     worker_start_seconds: float = 0.0  # actors up with their encoders loaded
     run_seconds: float = 0.0
     infra_retries: int = 0
+    clip_crashes: int = 0  # worker deaths blamed on the clip being decoded
+    read_retries: int = 0  # clip reads retried after a storage or network fault
 
     def table(self) -> str:
         lines = [
@@ -105,6 +115,11 @@ class PrecomputeReport:
         )
         if self.infra_retries:
             lines.append(f"        {self.infra_retries} shard attempts retried after worker failures")
+        if self.clip_crashes:
+            lines.append(f"        {self.clip_crashes} worker deaths while decoding a clip (crashes_worker after "
+                         f"repeated deaths on one clip)")
+        if self.read_retries:
+            lines.append(f"        {self.read_retries} clip reads retried after storage or network faults")
         return "\n".join(lines)
 
 
@@ -171,7 +186,7 @@ def prepare_dataset(cfg: PrecomputeConfig) -> tuple[list[ManifestRow], DatasetIn
     shards = Counter(split for _shard, split in {(r.shard, r.split) for r in rows})
     info = DatasetInfo(
         preset=cfg.preset,
-        media_root=str(Path(media_root).resolve()),
+        media_root=media_root if "://" in media_root else str(Path(media_root).resolve()),  # a URL as given
         encoders=_encoder_description(cfg),
         sequence_lengths={"latent": seq.latent_seq_len, "clip_text": preset.generator.text_seq_len,
                           "sync_frames": seq.sync_num_frames, "audio_samples": seq.num_audio_frames},
@@ -288,6 +303,7 @@ def add_result(report: PrecomputeReport, result: ShardResult) -> None:
     report.ok += result.ok
     report.failed += result.failed
     report.failures_by_reason.update(result.failures_by_reason)
+    report.read_retries += result.retries
     report.timings.update(result.timings)
 
 

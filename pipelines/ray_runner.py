@@ -5,28 +5,35 @@ keeps every actor busy with one shard at a time and hands out the next shard as 
 finishes, so a slow shard never idles the pool.
 
 Failure policy: an actor that dies (OOM kill, node loss, preemption) is replaced and its shard is
-run again, up to ``max_infra_retries`` times per shard; a shard over its failure budget or any
-exception raised by our code stops the job, after cancelling what is in flight. Finished shards
-are never redone.
+run again, up to ``max_infra_retries`` times per shard. A death while the worker was decoding a
+clip (its breadcrumb, ``pipelines.crash_blame``) is blamed on that clip instead; a clip blamed
+``max_clip_crashes`` times is recorded as ``crashes_worker`` on the next attempt, so one poisoned
+file never blocks the job. A shard over its failure budget, a storage fault that outlasted its
+retries or any exception raised by our code stops the job, after cancelling what is in flight.
+Finished shards are never redone.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
+from collections import Counter
 from pathlib import Path
 
 import ray
 from tqdm import tqdm
 
+from pipelines import crash_blame
 from pipelines.precompute import PrecomputeConfig, PrecomputeError, PrecomputeReport, add_result
 from pipelines.shard_processor import EncoderSpec, ShardProcessor, ShardResult
+from preprocessing.faults import TransientFault
 from preprocessing.manifest import ManifestRow
 from preprocessing.sample import Sample
 from preprocessing.shard_reader import iter_shard
 
 # driver environment that workers must see even when Ray was started earlier in the same process
-FORWARDED_ENV = ("SELVA_FAULT_EXIT_SHARD",)
+FORWARDED_ENV = ("SELVA_FAULT_EXIT_SHARD", "SELVA_FAULT_CRASH_CLIP")
 INFRA_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError)
 
 
@@ -43,16 +50,26 @@ class ShardWorker:
         return True
 
     def process(
-        self, dataset_dir: str, shard: str, rows: list[ManifestRow], retry_failed: bool, media_root: str
+        self, dataset_dir: str, shard: str, rows: list[ManifestRow], retry_failed: bool, media_root: str,
+        crashed: dict[str, int] | None = None,
     ) -> ShardResult:
-        """``dataset_dir`` and ``media_root`` come resolved from the driver (absolute paths or URLs)."""
+        """``dataset_dir`` and ``media_root`` come resolved from the driver (absolute paths or URLs);
+        ``crashed``: keys of clips blamed for too many worker deaths, with their counts."""
         _maybe_inject_fault(shard)
         reuse = {}
         if retry_failed and (Path(dataset_dir) / "shards" / f"{shard}.json").exists():
             # keep what the earlier attempt wrote; decode only the recorded failures again
             for sample in iter_shard(dataset_dir, shard):
                 reuse[sample.key] = Sample(sample.meta, sample.sync_mp4, sample.audio_flac, sample.arrays)
-        return self.processor.process(dataset_dir, shard, rows, media_root, reuse)
+
+        def before_clip(row: ManifestRow) -> None:
+            crash_blame.leave(dataset_dir, shard, row.key)
+            _maybe_crash_on(row)
+
+        try:
+            return self.processor.process(dataset_dir, shard, rows, media_root, reuse, crashed, before_clip)
+        finally:
+            crash_blame.clear(dataset_dir, shard)  # a live worker's breadcrumb blames nothing
 
 
 def _maybe_inject_fault(shard: str) -> None:
@@ -65,6 +82,14 @@ def _maybe_inject_fault(shard: str) -> None:
     if target == shard and flag and not os.path.exists(flag):
         Path(flag).write_text("crashed once")
         os._exit(1)
+
+
+def _maybe_crash_on(row: ManifestRow) -> None:
+    """Fault injection for the resilience tests: ``SELVA_FAULT_CRASH_CLIP=<source id>`` kills the worker
+    (SIGKILL, as the OOM killer does) every time it starts decoding that clip: a poisoned file. A real
+    file that segfaults FFmpeg cannot be built on demand."""
+    if os.environ.get("SELVA_FAULT_CRASH_CLIP") == row.source_id:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _init_ray(cfg: PrecomputeConfig) -> None:
@@ -92,15 +117,16 @@ def run_on_ray(
     actors = [actor_cls.remote(spec) for _ in range(workers)]
     every_actor = list(actors)  # replacements included, so all are released at the end
     queue = list(todo)
-    attempts: dict[str, int] = {}
+    attempts: dict[str, int] = {}  # unexplained worker deaths per shard (a blamed clip's are counted apart)
+    crashes: dict[str, Counter[str]] = {shard: Counter() for shard in todo}  # shard -> clip key -> deaths
     in_flight: dict[ray.ObjectRef, tuple[str, object]] = {}
     total_clips = sum(len(by_shard[s]) for s in todo)
     bar = tqdm(total=total_clips, unit="clip", disable=not cfg.progress, desc="precompute", dynamic_ncols=True)
 
     def submit(actor) -> None:
         shard = queue.pop(0)
-        attempts[shard] = attempts.get(shard, 0) + 1
-        ref = actor.process.remote(str(cfg.out), shard, by_shard[shard], cfg.retry_failed, media_root)
+        crashed = {key: n for key, n in crashes[shard].items() if n >= cfg.max_clip_crashes}
+        ref = actor.process.remote(str(cfg.out), shard, by_shard[shard], cfg.retry_failed, media_root, crashed)
         in_flight[ref] = (shard, actor)
 
     run_started = time.perf_counter()
@@ -123,10 +149,22 @@ def run_on_ray(
             try:
                 result: ShardResult = ray.get(ref)
             except INFRA_ERRORS as err:
-                if attempts[shard] > cfg.max_infra_retries:
-                    raise PrecomputeError(f"{shard}: worker failed {attempts[shard]} times; last error: {err}") from err
-                report.infra_retries += 1
-                bar.write(f"{shard}: worker died ({type(err).__name__}); retrying on a new worker")
+                # Blame the clip being decoded, if any: a poisoned file kills every attempt, so its
+                # deaths are bounded per clip (max_clip_crashes) rather than by the shard's budget.
+                blamed = crash_blame.take(cfg.out, shard)
+                if blamed is not None:
+                    crashes[shard][blamed] += 1
+                    report.clip_crashes += 1
+                    cause = f"while decoding clip {blamed}, death {crashes[shard][blamed]} of {cfg.max_clip_crashes}"
+                else:
+                    attempts[shard] = attempts.get(shard, 0) + 1
+                    if attempts[shard] > cfg.max_infra_retries:
+                        raise PrecomputeError(
+                            f"{shard}: worker failed {attempts[shard]} times; last error: {err}"
+                        ) from err
+                    report.infra_retries += 1
+                    cause = type(err).__name__
+                bar.write(f"{shard}: worker died ({cause}); retrying on a new worker")
                 ray.kill(actor, no_restart=True)
                 actor = actor_cls.remote(spec)
                 every_actor.append(actor)
@@ -135,6 +173,8 @@ def run_on_ray(
                 continue
             except ray.exceptions.RayTaskError as err:
                 cause = err.cause if err.cause is not None else err
+                if isinstance(cause, TransientFault):  # nothing of the shard was written: a rerun redoes it
+                    raise PrecomputeError(f"{shard}: {cause}; nothing of the shard was written") from None
                 raise PrecomputeError(f"{shard}: {type(cause).__name__}: {cause}") from None
             add_result(report, result)
             bar.update(len(by_shard[shard]))

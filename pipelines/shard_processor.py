@@ -4,15 +4,18 @@ This is the unit of work of the precompute job, free of Ray so that it runs (and
 benchmarked) in a plain process too. A :class:`ShardProcessor` loads the frozen encoders once and
 keeps a per-worker cache of text features, so a prompt shared by many clips is encoded once.
 
-Data errors (a bad clip) are recorded as failures of the shard and never retried; anything else
-(an encoder error, a full disk) propagates, because retrying it per clip would hide a real fault.
+Errors are classed by ``preprocessing.faults``: data errors (a bad clip) and missing files are
+recorded as failures of the shard and never retried; a storage or network fault is retried with
+the spec's back-off and then fails the shard (:class:`TransientFault`), so that nothing is recorded
+and a rerun tries again; anything else (a bug, an encoder error, a full disk) propagates, because
+recording it per clip would hide a real fault.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +24,7 @@ import torch
 
 from preprocessing.compact import encode_flac, encode_sync_mp4
 from preprocessing.errors import Rejected, RejectReason
+from preprocessing.faults import DEFAULT_RETRY_DELAYS, FaultClass, TransientFault, classify, describe
 from preprocessing.manifest import ManifestRow, check_row, resolve_media_path
 from preprocessing.media import DecodedClip, decode_clip
 from preprocessing.sample import Sample, SampleMeta
@@ -43,6 +47,7 @@ class EncoderSpec:
     batch_size: int = 16
     max_failed_fraction: float = 0.5
     decode_threads: int = 1  # a worker owns one CPU: FFmpeg's automatic threads would oversubscribe
+    retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS  # back-off before each retry of a storage fault
 
 
 @dataclass
@@ -53,6 +58,7 @@ class ShardResult:
     failures_by_reason: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     reused: int = 0  # samples carried over from an earlier attempt (--retry-failed)
+    retries: int = 0  # clip reads retried after a storage or network fault (none of them a failure)
 
 
 class ShardProcessor:
@@ -82,6 +88,32 @@ class ShardProcessor:
             path, start=row.start, duration=row.duration, frame_size=self.preset.frame_size,
             threads=self.spec.decode_threads,
         )
+
+    def _decode_retrying(self, row: ManifestRow, media_root: str | None, result: ShardResult) -> DecodedClip:
+        """``_decode``, with storage faults retried after each of ``spec.retry_delays``; then
+        :class:`TransientFault`. Data errors raise :class:`Rejected`; bugs propagate."""
+        delays = self.spec.retry_delays
+        for attempt in range(len(delays) + 1):
+            try:
+                return self._decode(row, media_root)
+            except Rejected:
+                raise
+            except Exception as err:  # noqa: BLE001 - classified below; nothing is swallowed
+                kind = classify(err)
+                where = f"{resolve_media_path(row.path, media_root)} ({row.source_id}, input row {row.row})"
+                if kind is FaultClass.DATA:  # an FFmpeg error that escaped decode_clip's own checks
+                    raise Rejected(RejectReason.UNDECODABLE, f"{where}: {describe(err)}") from None
+                if kind is FaultClass.MISSING:
+                    raise Rejected(RejectReason.MISSING_FILE, f"{where}: {describe(err)}") from None
+                if kind is not FaultClass.TRANSIENT:
+                    raise
+                if attempt == len(delays):
+                    raise TransientFault(
+                        f"{where}: storage or network fault in {attempt + 1} attempts: {describe(err)}"
+                    ) from err
+                result.retries += 1
+                time.sleep(delays[attempt])
+        raise AssertionError("unreachable")
 
     def _text_features(self, texts: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Features of ``texts``; prompts not in the worker's cache are encoded."""
@@ -123,10 +155,16 @@ class ShardProcessor:
         rows: Sequence[ManifestRow],
         media_root: str | None,
         reuse: dict[str, Sample] | None = None,
+        crashed: Mapping[str, int] | None = None,
+        before_clip: Callable[[ManifestRow], None] | None = None,
     ) -> ShardResult:
         """Decode, encode and write ``shard``. ``reuse`` maps keys to samples kept from an earlier
-        attempt (``--retry-failed`` re-attempts only the recorded failures)."""
+        attempt (``--retry-failed`` re-attempts only the recorded failures). ``crashed`` maps keys of
+        clips that killed their worker to the number of crashes: they are recorded as
+        ``crashes_worker``, not decoded again. ``before_clip`` runs before each clip is decoded (the
+        Ray worker leaves a breadcrumb there, so that a crash can be blamed on its clip)."""
         reuse = reuse or {}
+        crashed = crashed or {}
         timings = {"decode": 0.0, "encode": 0.0}
         result = ShardResult(shard)
         decoded: list[tuple[ManifestRow, DecodedClip]] = []
@@ -135,12 +173,19 @@ class ShardProcessor:
         for row in rows:
             if row.key in reuse:
                 continue
+            if row.key in crashed:
+                message = (
+                    f"{resolve_media_path(row.path, media_root)} ({row.source_id}, input row {row.row}): "
+                    f"the worker decoding it died {crashed[row.key]} times (a crash or an out-of-memory kill)"
+                )
+                failures.append((row.key, Rejected(RejectReason.CRASHES_WORKER, message)))
+                continue
+            if before_clip is not None:
+                before_clip(row)
             try:
-                decoded.append((row, self._decode(row, media_root)))
+                decoded.append((row, self._decode_retrying(row, media_root, result)))
             except Rejected as err:
                 failures.append((row.key, err))
-            except Exception as err:  # noqa: BLE001 - a decoder crash on one file is that file's problem
-                failures.append((row.key, Rejected(RejectReason.UNDECODABLE, f"{row.path}: {err}")))
         timings["decode"] = time.perf_counter() - start
 
         start = time.perf_counter()

@@ -18,6 +18,7 @@ class RejectReason(StrEnum):
     SILENT = "silent"  # audio peak <= 1e-6
     BAD_TEXT = "bad_text"  # empty, non-text or invisible prompt
     MISSING_FILE = "missing_file"
+    CRASHES_WORKER = "crashes_worker"  # decoding it killed the worker process (segfault, OOM) in N attempts
     # input rows rejected before shard assignment (failures/input.parquet); see preprocessing.input_rows
     BAD_ROW = "bad_row"  # the row cannot become a clip: unreadable line, no id, bad start/duration/split
     DUPLICATE = "duplicate"  # the clip (or its id, or its file and span) was already taken by an earlier row

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from preprocessing.errors import Rejected
+from preprocessing.faults import describe, is_transient
 from preprocessing.media import decode_clip
 from preprocessing.media_probe import MediaInfo, StreamInfo, probe
 
@@ -84,6 +85,12 @@ def inspect_file(path: Path, *, start: float, duration: float, frame_size: int, 
     except Rejected as rej:
         out(f"  result: {rej.reason.value}: {rej.message}")
         return rej.reason.value
+    except Exception as err:
+        if not is_transient(err):
+            raise
+        # the storage failed, not the file: say so instead of a verdict on its content
+        out(f"  result: storage fault, not a verdict on the file (retry): {describe(err)}")
+        return "storage_fault"
     t, s = clip.frames.shape[:2]
     out(
         f"  result: ok ({t} frames {s}x{s} at {clip.fps} fps, {len(clip.audio)} samples at {clip.sample_rate} Hz, "

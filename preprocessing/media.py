@@ -54,6 +54,7 @@ import av
 import numpy as np
 
 from preprocessing.errors import Rejected, RejectReason
+from preprocessing.faults import is_transient
 from preprocessing.media_audio import AUDIO_SHORTFALL_S, AudioCollector, place_audio
 from preprocessing.media_probe import (
     MediaInfo,
@@ -144,7 +145,7 @@ def _decode_range(
             if picker.done and audio_done:
                 break
     except av.FFmpegError as err:
-        if picker.prev is None:  # nothing decodable at all
+        if picker.prev is None or is_transient(err):  # nothing decodable at all, or the storage failed
             raise
         # A damaged tail (a truncated download): keep what decoded; the length checks decide.
         picker.stream_error = ffmpeg_reason(err)
@@ -185,7 +186,8 @@ def decode_clip(
 
     ``start`` and ``duration`` are seconds on the file's own time line, counted from the container's
     start time. Raises :class:`Rejected` (missing_file, undecodable, no_video, no_audio, too_short,
-    silent). ``threads`` caps FFmpeg's decode and scale threads (0: automatic, one per core); a worker
+    silent); a storage or network fault (``preprocessing.faults.is_transient``) is raised as it is.
+    ``threads`` caps FFmpeg's decode and scale threads (0: automatic, one per core); a worker
     that owns one core should pass 1, or parallel workers oversubscribe the machine.
     """
     if duration <= 0 or start < 0 or frame_size <= 0:
@@ -216,6 +218,8 @@ def decode_clip(
             try:
                 result = _decode_range(container, *args, seek_to=seek_to, threads=threads)
             except av.FFmpegError as err:  # after a seek: it landed on something undecodable, try earlier
+                if is_transient(err):  # not the file's fault: the caller decides whether to retry
+                    raise
                 result, error = None, ffmpeg_reason(err)
                 continue
             if seek_to is None or _landed(*result, t0):

@@ -19,8 +19,13 @@ from typing import BinaryIO
 import av
 
 from preprocessing.errors import Rejected, RejectReason
+from preprocessing.faults import FaultClass, classify
 from preprocessing.orientation import Orientation, from_frame
 
+# FFmpeg's HTTP reader, on a connection that drops mid-response: reconnect at the offset reached.
+# Without it a dropped transfer reads as a truncated file (InvalidDataError), a data error we
+# would record for good. A failure to connect at all still raises (ECONNRESET, ...): the caller retries.
+HTTP_OPTIONS = {"reconnect": "1", "reconnect_max_retries": "5"}
 MediaSource = str | os.PathLike[str] | BinaryIO
 
 
@@ -124,13 +129,15 @@ def ffmpeg_reason(err: BaseException) -> str:
 
 
 def open_media(source: MediaSource, name: str | None = None) -> tuple[av.container.InputContainer, int | None]:
-    """Open ``source`` for reading, turning every way it can fail into :class:`Rejected`.
+    """Open ``source`` for reading, turning every way the file can be bad into :class:`Rejected`.
 
-    Returns the container and the file size in bytes (None for file objects).
+    Storage and network faults (``preprocessing.faults``: ECONNRESET, EIO, an HTTP 5xx, ...) are
+    raised as they are: they say nothing about the file, and the caller may retry them. Returns the
+    container and the file size in bytes (None for file objects and URLs).
     """
     label = media_label(source, name)
     size: int | None = None
-    if isinstance(source, (str, os.PathLike)):
+    if isinstance(source, (str, os.PathLike)) and "://" not in os.fspath(source):  # URLs go to FFmpeg as they are
         path = Path(source)
         if not path.exists():
             raise Rejected(RejectReason.MISSING_FILE, f"{label}: no such file")
@@ -140,9 +147,15 @@ def open_media(source: MediaSource, name: str | None = None) -> tuple[av.contain
         if size == 0:
             raise Rejected(RejectReason.UNDECODABLE, f"{label}: file is empty (0 bytes)")
         source = os.fspath(path)
+    url = isinstance(source, str) and source.startswith(("http://", "https://"))
     try:
-        container = av.open(source, mode="r", metadata_errors="ignore")
+        container = av.open(source, mode="r", metadata_errors="ignore", options=dict(HTTP_OPTIONS) if url else None)
     except (av.FFmpegError, OSError, ValueError) as err:  # InvalidDataError is a ValueError
+        kind = classify(err)
+        if kind is FaultClass.TRANSIENT:
+            raise
+        if kind is FaultClass.MISSING:  # a URL that is not there (404): checked like a local path
+            raise Rejected(RejectReason.MISSING_FILE, f"{label}: not found: {ffmpeg_reason(err)}") from None
         raise Rejected(RejectReason.UNDECODABLE, f"{label}: cannot open as media: {ffmpeg_reason(err)}") from None
     return container, size
 

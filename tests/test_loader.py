@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fault_server import FaultServer
 
 from pipelines.synth import sample_level, write_synthetic_dataset
 from preprocessing.compact import decode_sync_mp4
@@ -27,6 +28,7 @@ from selva.mixing import MixConfig, apply_to_batch, mixing_generator
 from training.loader import LoaderConfig, TrainLoader, build_loader
 from training.sample_stream import shuffled
 from training.shard_order import (
+    Segment,
     ShardEntry,
     ShardSource,
     batches_per_rank,
@@ -35,6 +37,7 @@ from training.shard_order import (
     seeded_rng,
     source_from_urls,
 )
+from training.tar_stream import RETRY_KIND, ErrorLog, ShardReadError, iter_segment
 
 NUM, PER_SHARD = 22, 5
 
@@ -387,3 +390,32 @@ def test_collate_in_a_worker_allocates_shared_memory():
         assert torch.equal(shared[name], private[name])
     assert shared["t5_mask"].tolist() == [[True, True, False, False], [True] * 4]
     assert shared["clip_text"].dtype == torch.float32
+
+
+def test_a_shard_read_that_fails_is_retried_then_stops_loudly(dataset):
+    """A real fault: the shards are served over HTTP (read by curl through WebDataset's gopen) by a
+    server that resets connections, at connect and mid-transfer."""
+    root, keys = dataset
+    shard = done_and_missing(root)[0][0]
+    name = shard_tar_path(root, shard).name
+    local = [s.key for s in iter_segment(ShardEntry(str(shard_tar_path(root, shard)), None), Segment(0), ErrorLog("t"))]
+    with FaultServer(root / "shards") as server:
+        entry = ShardEntry(f"{server.url}/{name}", None)
+        errors = ErrorLog("test")
+        server.reset_first(name, 1)  # refused outright, then one cut after the first samples
+        got = [s.key for s in iter_segment(entry, Segment(0), errors, (0.01, 0.01))]
+        server.reset_first(name, 1, after_bytes=30_000)
+        got_cut = [s.key for s in iter_segment(entry, Segment(0, start=1), errors, (0.01, 0.01))]
+        assert got == local and got_cut == local[1:]  # every sample once, in order, none lost
+        assert errors.counts == {RETRY_KIND: 2} and server.resets[name] == 1
+
+        # through the loader: a blip costs nothing; a store that stays down stops training by name
+        urls = [f"{server.url}/{shard_tar_path(root, s).name}" for s in done_and_missing(root)[0]]
+        cfg = LoaderConfig(batch_size=2, num_workers=0, read_retry_delays=(0.01, 0.01))
+        server.reset_first(name, 2)
+        loader = build_loader(urls, cfg, samples_per_epoch=NUM)
+        assert len(epoch_keys(loader)) == 11 and loader.error_counts == {RETRY_KIND: 2}
+        server.reset_first(name, -1)
+        with pytest.raises(ShardReadError, match=rf"{name}: unreadable after 3 attempts: OSError: .*exit 56"):
+            epoch_keys(build_loader(urls, cfg, samples_per_epoch=NUM))
+        assert server.resets[name] == 3

@@ -58,6 +58,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from selva.mixing import MixConfig, apply_to_batch, mixing_generator
 from training.sample_stream import STREAM_KEY, StreamSpec, worker_batches
 from training.shard_order import ShardSource, batches_per_rank, open_source, plan_rank, worker_batch_count
+from training.tar_stream import READ_RETRY_DELAYS
 
 log = logging.getLogger("selva.loader")
 
@@ -78,6 +79,8 @@ class LoaderConfig:
     max_consecutive_errors: int = 1000  # beyond this the data is broken, not a few bad samples: raise
     error_log_interval_s: float = 60.0
     timeout_s: float = 0.0  # DataLoader timeout per batch (0: wait forever)
+    # back-off of a shard re-read after a storage or network fault; past the last, ShardReadError stops training
+    read_retry_delays: tuple[float, ...] = READ_RETRY_DELAYS
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.num_workers < 0 or self.shuffle_buffer < 0 or self.prefetch_factor < 1:
@@ -143,7 +146,8 @@ class TrainLoader:
     @property
     def error_counts(self) -> dict[str, int]:
         """Data errors so far by kind: ``sample`` (skipped samples), ``shard`` (samples lost with an
-        unreadable shard), ``member`` (stray tar members)."""
+        unreadable shard), ``member`` (stray tar members); and ``read_retry``: shard re-reads after a
+        storage or network fault (no sample lost)."""
         total = Counter(self._errors_before)
         for counts in self._worker_errors:
             total.update(counts)
@@ -230,6 +234,7 @@ class TrainLoader:
             first_worker=self._batch % self.workers,
             max_consecutive_errors=cfg.max_consecutive_errors,
             error_log_interval_s=cfg.error_log_interval_s,
+            read_retry_delays=tuple(cfg.read_retry_delays),
         )
 
     def _finish(self, batch: dict[str, Any], step: int) -> dict[str, Any]:

@@ -16,6 +16,14 @@ suffix outside the format (``.pth``, ``.pkl``, ...) or a member that is not a re
 sample as damaged (counted and skipped when emitted), it is never read; arrays are later parsed by
 ``preprocessing.shard_reader.decode_sample`` with ``allow_pickle=False`` semantics. WebDataset's own
 decoders are never used (its default handlers can unpickle).
+
+Reading a segment is retried when the storage or the network fails (``preprocessing.faults``: an
+OSError of a read, ECONNRESET, a ``pipe:``/curl exit status): after each delay of
+``READ_RETRY_DELAYS`` the tar is opened again and the walk resumes at the first sample not yet
+delivered; past the last delay :class:`ShardReadError` stops training. A blip must not silently
+drop samples, and an unreachable store must not quietly train on a fraction of the data.
+Damaged data (a tar that does not parse, keys that disagree with the marker) and a missing file
+are the shard's own problem: counted and skipped, never retried.
 """
 
 from __future__ import annotations
@@ -26,9 +34,10 @@ import logging
 import tarfile
 import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 
+from preprocessing.faults import describe, is_transient
 from preprocessing.tar_walk import bad_name_message, iter_sample_groups
 from training.shard_order import Segment, ShardEntry, local_path
 
@@ -37,6 +46,12 @@ log = logging.getLogger("selva.loader")
 # The loader trains on precomputed latents, not on the waveform: audio.flac (often the largest
 # member) is checked for presence but its bytes are never read into memory.
 UNREAD_MEMBERS = frozenset({"audio.flac"})
+READ_RETRY_DELAYS = (1.0, 4.0, 16.0)  # seconds before each re-read of a segment after a storage fault
+RETRY_KIND = "read_retry"  # ErrorLog kind counting re-reads (no sample is lost to them)
+
+
+class ShardReadError(RuntimeError):
+    """A shard stayed unreadable through every retry: training stops rather than drop its samples."""
 
 
 class ErrorLog:
@@ -72,6 +87,12 @@ class ErrorLog:
         log.warning("%s: skipped %s (totals: %s%s)", self.where, message, totals, more)
         self._last, self._unlogged = now, 0
 
+    def retried(self, message: str) -> None:
+        """Count one re-read after a storage fault; logged every time (rare, and worth a line each).
+        Counted even while muted: a retry is this run's event, not a replay of the checkpointed run's."""
+        self.counts[RETRY_KIND] += 1
+        log.warning("%s: retrying %s", self.where, message)
+
 
 @dataclass
 class RawSample:
@@ -105,8 +126,32 @@ def _expected_keys(shard: ShardEntry) -> list[str] | None:
         return list(json.load(handle)["keys"])
 
 
-def iter_segment(shard: ShardEntry, segment: Segment, errors: ErrorLog) -> Iterator[RawSample]:
-    """The raw samples at positions ``[segment.start, segment.stop)`` of ``shard``'s tar, in order.
+def iter_segment(
+    shard: ShardEntry, segment: Segment, errors: ErrorLog, retry_delays: Sequence[float] = READ_RETRY_DELAYS
+) -> Iterator[RawSample]:
+    """The raw samples at positions ``[segment.start, segment.stop)`` of ``shard``'s tar, in order,
+    each once: a read that fails for the storage's sake is retried from the first sample not yet
+    delivered, after each of ``retry_delays``; then :class:`ShardReadError`."""
+    delivered = 0
+    for attempt in range(len(retry_delays) + 1):
+        try:
+            for sample in _read_segment(shard, replace(segment, start=segment.start + delivered), errors):
+                delivered += 1
+                yield sample
+            return
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            if attempt == len(retry_delays):
+                raise ShardReadError(
+                    f"{shard.url}: unreadable after {attempt + 1} attempts: {describe(exc)}"
+                ) from exc
+            errors.retried(f"{shard.url} from sample {segment.start + delivered} ({describe(exc)})")
+            time.sleep(retry_delays[attempt])
+
+
+def _read_segment(shard: ShardEntry, segment: Segment, errors: ErrorLog) -> Iterator[RawSample]:
+    """One attempt at the raw samples at positions ``[segment.start, segment.stop)`` of ``shard``'s tar.
 
     Problems that concern one sample travel with it (``RawSample.problem``); problems that make the
     rest of the shard unreadable (missing file, damaged tar, keys that disagree with the marker)
@@ -154,5 +199,7 @@ def iter_segment(shard: ShardEntry, segment: Segment, errors: ErrorLog) -> Itera
         if expected is not None and stop is None and position < len(expected):
             raise ValueError(f"truncated: {position} sample(s), the marker lists {len(expected)}")
     except (tarfile.TarError, OSError, EOFError, ValueError, KeyError) as exc:
+        if is_transient(exc):
+            raise  # the storage's fault, not the shard's: iter_segment retries it
         message = f"the rest of {url} ({type(exc).__name__}: {exc})"
         errors.record("shard", message, samples=lost(), ident=(url, str(segment.start)))

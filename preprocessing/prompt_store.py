@@ -8,7 +8,7 @@ run; shard workers copy the features from here into their samples. Layout (``DAT
     prompts-{digest}.t5.npy          (sum of token counts, D_t5) float16: each prompt's real tokens, in order
     prompts-{digest}.t5_mask.npy     (sum of token counts,) bool
     prompts-{digest}.clip_text.npy   (K, 77, D_clip) float16
-    empty.t5.npy, empty.t5_mask.npy, empty.clip_text.npy     the empty prompt "" (float32, bool)
+    empty.t5.npy, empty.t5_mask.npy, empty.clip_text.npy     the empty prompt "" (same dtypes)
 
 ``digest`` hashes the chunk's sorted prompts. A chunk exists once its index exists (arrays first, then
 the index, each written atomically), so a killed job leaves whole chunks or orphan arrays that the
@@ -16,8 +16,10 @@ next run deletes; a resumed job encodes only prompts that no index names. Per-pr
 bytes the shards store (float16 real tokens, see ``preprocessing.sample``), so a sample's features
 are the same whether its prompt came from the store or was encoded beside it.
 
-The empty prompt is kept in float32 because it is not a sample feature: it becomes the generator's
-``empty_string_feat`` parameter for classifier-free guidance (``training.dataset_stats``).
+The empty prompt is stored like every other prompt (float16 tokens): it becomes the generator's
+``empty_string_feat`` parameter for classifier-free guidance (``training.dataset_stats``), the text the
+model sees in place of prompts whose features it sees at float16 precision; one precision for both
+keeps dropout from being recognisable by its rounding.
 
 Everything is ``.npy`` read with ``allow_pickle=False`` plus JSON: the store is data, never code.
 """
@@ -148,8 +150,8 @@ class PromptStore:
 # -- the empty prompt --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class EmptyPrompt:
-    """Features of "" from the dataset's encoders: t5 (L, D_t5) float32 real tokens, t5_mask (L,) bool,
-    clip_text (77, D_clip) float32 (the generator's ``empty_string_feat`` shape)."""
+    """Features of "" from the dataset's encoders: t5 (L, D_t5) float16 real tokens, t5_mask (L,) bool,
+    clip_text (77, D_clip) float16 (the generator's ``empty_string_feat`` shape)."""
 
     t5: np.ndarray
     t5_mask: np.ndarray
@@ -166,8 +168,8 @@ def has_empty_prompt(dataset_dir: str | Path) -> bool:
 
 
 def write_empty_prompt(dataset_dir: str | Path, empty: EmptyPrompt) -> None:
-    arrays = {"t5": empty.t5.astype(np.float32), "t5_mask": empty.t5_mask.astype(np.bool_),
-              "clip_text": empty.clip_text.astype(np.float32)}
+    arrays = {"t5": empty.t5.astype(np.float16), "t5_mask": empty.t5_mask.astype(np.bool_),
+              "clip_text": empty.clip_text.astype(np.float16)}
     for role, rel in empty_prompt_files().items():
         _save_npy(Path(dataset_dir) / rel, arrays[role])
 

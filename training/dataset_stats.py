@@ -44,7 +44,7 @@ class DatasetStatistics:
         return DataStatistics(
             latent_mean=torch.from_numpy(self.latent_mean),
             latent_std=torch.from_numpy(self.latent_std),
-            empty_text=torch.from_numpy(self.empty.clip_text),
+            empty_text=torch.from_numpy(self.empty.clip_text.astype(np.float32)),
         )
 
 

@@ -100,6 +100,9 @@ class PrecomputeReport:
     infra_retries: int = 0
     clip_crashes: int = 0  # worker deaths blamed on the clip being decoded
     read_retries: int = 0  # clip reads retried after a storage or network fault
+    prompts_encoded: int = 0  # distinct prompts encoded by the text stage this run
+    prompts_stored_before: int = 0  # prompts of this run's shards found in the store
+    prompts_encoded_by_workers: int = 0  # prompts shard workers encoded themselves (0 unless the store lacked them)
 
     def table(self) -> str:
         lines = [
@@ -108,6 +111,10 @@ class PrecomputeReport:
             f"clips:  {self.ok} ok, {self.failed} failed",
         ]
         lines += [f"        {reason:<13} {count}" for reason, count in sorted(self.failures_by_reason.items())]
+        text = f"text:   {self.prompts_encoded} distinct prompts encoded, {self.prompts_stored_before} already stored"
+        if self.prompts_encoded_by_workers:
+            text += f", {self.prompts_encoded_by_workers} encoded by shard workers"
+        lines.append(text)
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(self.timings.items()))
         lines.append(
             f"time:   ray start {self.ray_start_seconds:.1f} s, workers ready {self.worker_start_seconds:.1f} s, "
@@ -289,6 +296,8 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeReport:
     todo, done = shards_to_run(cfg, rows)
     report = PrecomputeReport(shards_total=len(by_shard), shards_done_before=len(done))
     if not todo:
+        if not info.latent_stats:  # finished by a run killed after its last shard, before the refresh
+            refresh_sample_counts(cfg.out)
         print(f"{cfg.out}: all {len(by_shard)} shards are done; nothing to do")
         return report
     from pipelines.ray_runner import run_on_ray  # Ray is imported only when there is work
@@ -305,6 +314,7 @@ def add_result(report: PrecomputeReport, result: ShardResult) -> None:
     report.failures_by_reason.update(result.failures_by_reason)
     report.read_retries += result.retries
     report.timings.update(result.timings)
+    report.prompts_encoded_by_workers += result.prompts_encoded
 
 
 def config_from_args(args) -> PrecomputeConfig:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from pipelines import crash_blame
 from pipelines.precompute import PrecomputeConfig, PrecomputeError, PrecomputeReport, add_result
 from pipelines.shard_processor import EncoderSpec, ShardProcessor, ShardResult
+from pipelines.text_stage import encode_prompts
 from preprocessing.faults import TransientFault
 from preprocessing.manifest import ManifestRow
 from preprocessing.sample import Sample
@@ -48,6 +49,13 @@ class ShardWorker:
 
     def ready(self) -> bool:
         return True
+
+    def store_prompts(self, dataset_dir: str, prompts: list[str]) -> int:
+        """Text stage (pipelines/text_stage.py): encode ``prompts`` into one chunk of the prompt store."""
+        return self.processor.store_prompts(dataset_dir, prompts)
+
+    def store_empty_prompt(self, dataset_dir: str) -> None:
+        self.processor.store_empty_prompt(dataset_dir)
 
     def process(
         self, dataset_dir: str, shard: str, rows: list[ManifestRow], retry_failed: bool, media_root: str,
@@ -90,6 +98,17 @@ def _maybe_crash_on(row: ManifestRow) -> None:
     file that segfaults FFmpeg cannot be built on demand."""
     if os.environ.get("SELVA_FAULT_CRASH_CLIP") == row.source_id:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_text_stage(cfg: PrecomputeConfig, actors: list, rows: list[ManifestRow], report: PrecomputeReport) -> None:
+    """Each distinct prompt of ``rows`` encoded once per dataset, before any shard (pipelines/text_stage.py)."""
+    try:
+        encoded, stored, seconds = encode_prompts(str(cfg.out), rows, actors)
+    except (ray.exceptions.RayTaskError, *INFRA_ERRORS) as err:
+        cause = getattr(err, "cause", None) or err
+        raise PrecomputeError(f"text stage: {type(cause).__name__}: {cause}") from None
+    report.prompts_encoded, report.prompts_stored_before = encoded, stored
+    report.timings["text"] += seconds
 
 
 def _init_ray(cfg: PrecomputeConfig) -> None:
@@ -138,6 +157,7 @@ def run_on_ray(
         except ray.exceptions.RayActorError as err:
             raise PrecomputeError(f"workers could not start (encoder set-up failed?): {err}") from None
         report.worker_start_seconds = time.perf_counter() - run_started
+        run_text_stage(cfg, actors, [row for shard in todo for row in by_shard[shard]], report)
         run_started = time.perf_counter()
         for actor in actors:
             if queue:

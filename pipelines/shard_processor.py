@@ -1,8 +1,11 @@
 """Turn one shard's manifest rows into a written shard: decode, run the frozen encoders, write.
 
 This is the unit of work of the precompute job, free of Ray so that it runs (and is tested and
-benchmarked) in a plain process too. A :class:`ShardProcessor` loads the frozen encoders once and
-keeps a per-worker cache of text features, so a prompt shared by many clips is encoded once.
+benchmarked) in a plain process too. A :class:`ShardProcessor` loads the frozen encoders once. Text
+features come from the dataset's prompt store (``preprocessing.prompt_store``), which the job fills
+before the shards run (:meth:`ShardProcessor.store_prompts`), so each distinct prompt is encoded once
+per dataset; a prompt missing from the store is encoded here (and counted), which keeps the class
+usable without the store. A per-worker LRU keeps recent prompts' features in memory.
 
 Errors are classed by ``preprocessing.faults``: data errors (a bad clip) and missing files are
 recorded as failures of the shard and never retried; a storage or network fault is retried with
@@ -27,6 +30,7 @@ from preprocessing.errors import Rejected, RejectReason
 from preprocessing.faults import DEFAULT_RETRY_DELAYS, FaultClass, TransientFault, classify, describe
 from preprocessing.manifest import ManifestRow, check_row, resolve_media_path
 from preprocessing.media import DecodedClip, decode_clip
+from preprocessing.prompt_store import EmptyPrompt, PromptFeatures, PromptStore, write_chunk, write_empty_prompt
 from preprocessing.sample import Sample, SampleMeta
 from preprocessing.shard_writer import ShardWriter
 from selva.encoders import FrozenEncoders, build_encoders
@@ -59,6 +63,7 @@ class ShardResult:
     timings: dict[str, float] = field(default_factory=dict)
     reused: int = 0  # samples carried over from an earlier attempt (--retry-failed)
     retries: int = 0  # clip reads retried after a storage or network fault (none of them a failure)
+    prompts_encoded: int = 0  # prompts the worker had to encode itself (not in the store): 0 in a full job
 
 
 class ShardProcessor:
@@ -76,7 +81,9 @@ class ShardProcessor:
         )
         # LRU of prompt features: repeated labels (VGGSound has 310) are encoded once per worker, while
         # a caption dataset with millions of distinct prompts cannot grow the cache without bound.
-        self._text_cache: OrderedDict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+        self._text_cache: OrderedDict[str, PromptFeatures] = OrderedDict()
+        self._store: PromptStore | None = None
+        self.prompts_encoded = 0  # encoder calls per prompt, over the processor's lifetime
 
     # -- per clip ---------------------------------------------------------------------------------
     def _decode(self, row: ManifestRow, media_root: str | None) -> DecodedClip:
@@ -115,28 +122,64 @@ class ShardProcessor:
                 time.sleep(delays[attempt])
         raise AssertionError("unreachable")
 
-    def _text_features(self, texts: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Features of ``texts``; prompts not in the worker's cache are encoded."""
+    def encode_prompt(self, text: str) -> PromptFeatures:
+        """One prompt's features as a shard stores them: T5 real tokens (L, D) float16 and mask (L,),
+        CLIP tokens (77, D) float16.
+
+        One prompt at a time: batched encoding pads to the batch's longest prompt, and which prompts
+        share a batch depends on scheduling, so batching could change a feature's last bits between runs.
+        """
+        t5 = self.encoders.t5.encode([text])
+        clip = self.encoders.clip.encode([text])
+        n = int(t5.mask[0].sum())
+        self.prompts_encoded += 1
+        # keep only real tokens (the loader pads per batch); float16, as the shard stores them
+        return (
+            t5.tokens[0, :n].cpu().numpy().astype(np.float16),
+            t5.mask[0, :n].cpu().numpy(),
+            clip.tokens[0].cpu().numpy().astype(np.float16),
+        )
+
+    def store_prompts(self, dataset_dir: str | Path, prompts: Sequence[str]) -> int:
+        """Encode ``prompts`` (each once, in sorted order) into one chunk of the prompt store; returns
+        how many were encoded."""
+        features = {text: self.encode_prompt(text) for text in sorted(set(prompts))}
+        if features:
+            write_chunk(dataset_dir, features)
+        return len(features)
+
+    def empty_prompt(self) -> EmptyPrompt:
+        """Features of "" from this dataset's encoders (``TextEncoder.empty``), stored as a prompt's are
+        (float16, T5 real tokens only): see ``preprocessing.prompt_store``."""
+        t5, clip = self.encoders.t5.empty(), self.encoders.clip.empty()
+        n = int(t5.mask[0].sum())
+        return EmptyPrompt(
+            t5.tokens[0, :n].cpu().numpy().astype(np.float16),
+            t5.mask[0, :n].cpu().numpy(),
+            clip.tokens[0].cpu().numpy().astype(np.float16),
+        )
+
+    def store_empty_prompt(self, dataset_dir: str | Path) -> None:
+        write_empty_prompt(dataset_dir, self.empty_prompt())
+
+    def _text_features(self, texts: Sequence[str], store: PromptStore | None = None) -> dict[str, PromptFeatures]:
+        """Features of ``texts``: from the worker's cache, else the store, else encoded here."""
         for text in texts:
             if text in self._text_cache:
                 self._text_cache.move_to_end(text)
-        # One prompt at a time: batched encoding pads to the batch's longest prompt, and which prompts share
-        # a batch depends on what this worker saw before (Ray scheduling), so batching could change a
-        # feature's last bits between runs. Each distinct prompt is encoded once per worker anyway.
         for text in sorted({t for t in texts if t not in self._text_cache}):
-            t5 = self.encoders.t5.encode([text])
-            clip = self.encoders.clip.encode([text])
-            n = int(t5.mask[0].sum())
-            # keep only real tokens (the loader pads per batch); float16, as the shard stores them
-            self._text_cache[text] = (
-                t5.tokens[0, :n].cpu().numpy().astype(np.float16),
-                t5.mask[0, :n].cpu().numpy(),
-                clip.tokens[0].cpu().numpy().astype(np.float16),
-            )
+            stored = store.get(text) if store is not None else None
+            self._text_cache[text] = stored if stored is not None else self.encode_prompt(text)
         wanted = {t: self._text_cache[t] for t in texts}
         while len(self._text_cache) > max(TEXT_CACHE_SIZE, len(wanted)):
             self._text_cache.popitem(last=False)
         return wanted
+
+    def _prompt_store(self, dataset_dir: str | Path) -> PromptStore:
+        """The dataset's store, kept across shards (its index is read once, then only when a prompt is new)."""
+        if self._store is None or self._store.folder != PromptStore(dataset_dir).folder:
+            self._store = PromptStore(dataset_dir)
+        return self._store
 
     @torch.inference_mode()
     def _latents(self, clips: Sequence[DecodedClip]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -189,7 +232,8 @@ class ShardProcessor:
         timings["decode"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        text_features = self._text_features([row.text for row, _ in decoded])
+        encoded_before = self.prompts_encoded
+        text_features = self._text_features([row.text for row, _ in decoded], self._prompt_store(dataset_dir))
         latents = self._latents([clip for _, clip in decoded])
         samples = dict(reuse)
         for (row, clip), (mean, std) in zip(decoded, latents, strict=True):
@@ -214,4 +258,5 @@ class ShardProcessor:
         result.failures_by_reason = dict(marker.failures_by_reason)
         result.timings = dict(marker.timings)
         result.reused = len(reuse)
+        result.prompts_encoded = self.prompts_encoded - encoded_before
         return result

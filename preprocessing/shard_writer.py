@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from preprocessing.errors import Rejected, RejectReason
+from preprocessing.latent_stats import LatentMoments
 from preprocessing.manifest import ManifestRow
 from preprocessing.sample import ARRAY_FIELDS, VARIABLE_LENGTH_FIELDS, Sample
 from preprocessing.shards import (
@@ -109,6 +110,7 @@ class ShardWriter:
         self._written: list[str] = []
         self._failures: dict[str, Failure] = {}
         self._shapes: dict[str, tuple[int, ...]] | None = None
+        self._moments: LatentMoments | None = None  # of the latent_mean arrays as stored (float32)
         self._seconds = 0.0
         self._tar_path = shard_tar_path(self.dataset_dir, shard)
         self._tmp = temporary_path(self._tar_path)
@@ -177,6 +179,9 @@ class ShardWriter:
         self._member(f"{meta.key}.audio.flac", bytes(sample.audio_flac))
         for name, array in arrays.items():  # ALL_ARRAY_FIELDS order
             self._member(f"{meta.key}.{name}.npy", _npy_bytes(array))
+        # merged sample by sample in tar order: the shard's moments depend only on its content
+        moments = LatentMoments.of(arrays["latent_mean"])
+        self._moments = moments if self._moments is None else self._moments.merge(moments)
         self._written.append(meta.key)
         self._next += 1
         self._seconds += time.perf_counter() - began
@@ -235,6 +240,7 @@ class ShardWriter:
             keys=list(self._written),
             fields={n: {"dtype": ALL_ARRAY_FIELDS[n].str, "shape": list(s)} for n, s in shapes.items()},
             timings={**dict(timings or {}), "write": self._seconds + time.perf_counter() - began},
+            latent_moments=self._moments.to_json() if self._moments is not None else None,
         )
         write_json_atomic(shard_marker_path(self.dataset_dir, self.shard), marker.to_json())  # last: "done"
         return marker

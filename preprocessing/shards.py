@@ -7,6 +7,7 @@ DATASET/shards/{shard}.tar           samples (preprocessing.shard_writer / shard
 DATASET/shards/{shard}.json          ShardMarker: written last, its presence means "done"
 DATASET/failures/{shard}.parquet     rejected inputs of the shard (always written, may be empty)
 DATASET/failures/input.parquet       input rows rejected before shard assignment (always written)
+DATASET/text/                        prompt features and the empty prompt (preprocessing.prompt_store)
 ```
 
 Every file is written under a hidden temporary name in its final folder and renamed with
@@ -28,9 +29,11 @@ from typing import Any
 
 import numpy as np
 
+from preprocessing.latent_stats import LatentMoments, split_statistics
 from preprocessing.sample import ARRAY_FIELDS, MEDIA_FIELDS, OPTIONAL_ARRAY_FIELDS
 
 FORMAT_VERSION = 1
+TRAIN_SPLIT = "train"  # the split whose latent statistics the generator normalises with
 DATASET_JSON = "dataset.json"
 MANIFEST_FILE = "manifest.parquet"
 TMP_SUFFIX = ".tmp"
@@ -136,7 +139,7 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 def remove_stale_temporaries(dataset_dir: str | Path) -> list[Path]:
     """Delete temporary files left by killed writers; call only when no writer is running."""
     removed = []
-    for folder in ("shards", "failures", "."):
+    for folder in ("shards", "failures", "text", "."):
         for tmp in (Path(dataset_dir) / folder).glob(f".*{TMP_SUFFIX}"):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
@@ -161,6 +164,12 @@ class DatasetInfo:
     input_rows: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)  # package versions that wrote the data
     extra: dict[str, Any] = field(default_factory=dict)
+    # What training needs from the data (docs/shard-format.md, "What training reads"):
+    # {split, shards, clips, frames, mean[D], std[D], definition} of the train split (latent_stats.py)
+    latent_stats: dict[str, Any] = field(default_factory=dict)
+    # role (t5, t5_mask, clip_text) -> file of the empty prompt's features, relative to the dataset
+    empty_prompt: dict[str, str] = field(default_factory=dict)
+    prompt_store: dict[str, Any] = field(default_factory=dict)  # {folder, prompts, chunks}
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -204,6 +213,8 @@ class ShardMarker:
     keys: list[str]  # keys written to the tar, in tar order (the manifest order without failures)
     fields: dict[str, dict[str, Any]]  # array field -> {dtype, shape} (identical for every sample)
     timings: dict[str, float] = field(default_factory=dict)  # seconds spent per stage for the shard
+    # LatentMoments.to_json() of the shard's latent_mean arrays as stored (None: no sample, or an old marker)
+    latent_moments: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -287,16 +298,35 @@ def done_and_missing(dataset_dir: str | Path, *, verify_sha: bool = False) -> tu
 
 
 def refresh_sample_counts(dataset_dir: str | Path) -> DatasetInfo:
-    """Recount ``samples`` in ``dataset.json`` from the done shards' markers and rewrite it atomically."""
+    """Recount ``samples`` and recompute ``latent_stats`` in ``dataset.json`` from the done shards'
+    markers, and rewrite it atomically.
+
+    ``latent_stats`` merges the train shards' moments in shard-name order, so it is a function of the
+    shards alone (a resumed job gives the same numbers). It is left empty while a done train shard has
+    no moments (a marker from before they were recorded): statistics of part of the split would be
+    silently wrong, and ``training.dataset_stats`` then says to rebuild.
+    """
     info = read_dataset_info(dataset_dir)
     counts: dict[str, dict[str, int]] = {}
-    for state in shard_states(dataset_dir):
+    moments: list[LatentMoments] = []
+    train_clips, train_shards, without_moments = 0, 0, 0
+    for state in shard_states(dataset_dir):  # sorted by shard name
         entry = counts.setdefault(state.split, {"ok": 0, "failed": 0, "shards_done": 0})
         if state.done and state.marker is not None:
             entry["ok"] += state.marker.num_ok
             entry["failed"] += state.marker.num_failed
             entry["shards_done"] += 1
+            if state.split == TRAIN_SPLIT and state.marker.num_ok:
+                train_shards += 1
+                train_clips += state.marker.num_ok
+                if state.marker.latent_moments is None:
+                    without_moments += 1
+                else:
+                    moments.append(LatentMoments.from_json(state.marker.latent_moments))
     info.samples = counts
+    info.latent_stats = {}
+    if moments and not without_moments:
+        info.latent_stats = split_statistics(moments, train_clips, train_shards, TRAIN_SPLIT)
     write_dataset_info(dataset_dir, info)
     return info
 

@@ -11,7 +11,10 @@ Departures from the official release, on purpose:
 - the target's side is random per sample (the release always put it left, a shortcut the model
   can learn instead of reading the prompt);
 - every random decision comes from one CPU ``torch.Generator`` derived from ``(seed, step, rank)``,
-  so CPU and CUDA runs make identical decisions and a resumed run continues the same stream.
+  so CPU and CUDA runs make identical decisions and a resumed run continues the same stream;
+- a partner never has the target's prompt when the batch offers another one: with two "dog barking"
+  halves the prompt cannot say which half the latent belongs to. A sample whose batch holds only its
+  own prompt stays unmixed and is counted (:attr:`MixInfo.no_distinct_partner`).
 
 Layouts: input ``(B, T, H, W, 3)`` uint8, channel-last as the loader decodes ``sync.mp4``; output
 ``(B, T, 3, H, W)`` float in ``[-1, 1]``, what :class:`selva.textsynch.TextSynch` takes.
@@ -20,8 +23,10 @@ Layouts: input ``(B, T, H, W, 3)`` uint8, channel-last as the loader decodes ``s
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -83,6 +88,8 @@ class MixInfo:
 
     ``lam`` is 1.0 and ``partner`` −1 for unmixed samples; ``width`` is the target's column count
     (``W`` when unmixed, ``⌊λ·W⌋`` otherwise, kept within ``[1, W − 1]`` for very narrow frames).
+    ``no_distinct_partner`` marks samples drawn for mixing that stayed unmixed because every other
+    sample of the batch has the same prompt (all False when no prompts were given).
     """
 
     mixed: torch.Tensor  # bool (B,)
@@ -90,34 +97,79 @@ class MixInfo:
     target_left: torch.Tensor  # bool (B,); False where not mixed
     partner: torch.Tensor  # long (B,)
     width: torch.Tensor  # long (B,)
+    no_distinct_partner: torch.Tensor  # bool (B,)
 
     def stats(self) -> dict[str, float]:
-        """Batch summaries for the metrics log (DESIGN §8 "mixing stats")."""
+        """Batch summaries for the metrics log (DESIGN §8 "mixing stats").
+
+        ``mix/no_distinct_partner`` is a count (summed over batches it says how many mixes a
+        label-heavy batch composition cost), the others are shares or means of the batch.
+        """
         n = int(self.mixed.sum())
         out = {"mix/rate": n / max(1, self.mixed.numel())}
+        out["mix/no_distinct_partner"] = float(self.no_distinct_partner.sum())
         if n:
             out["mix/lambda_mean"] = float(self.lam[self.mixed].mean())
             out["mix/target_left_rate"] = float(self.target_left[self.mixed].double().mean())
         return out
 
 
-def _draw(cfg: MixConfig, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """All random decisions for one batch, drawn in a fixed order and count from ``generator``."""
+def _beta(alpha: float, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """``batch`` draws of Beta(α, α), float64, from one 63-bit seed taken off ``generator``.
+
+    torch has no public seedable Beta sampler (``torch.distributions.Beta`` takes no generator), so the
+    draws come from NumPy's documented ``Generator.beta`` on a PCG64 stream seeded from ``generator``:
+    deterministic per (seed, step, rank), public API only, and exactly one draw from ``generator``
+    whatever ``batch`` and ``alpha`` are.
+    """
+    seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
+    rng = np.random.Generator(np.random.PCG64(seed))
+    return torch.from_numpy(rng.beta(alpha, alpha, size=batch).astype(np.float64))
+
+
+def _pick_partners(u: torch.Tensor, prompts: Sequence[str] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partner (B,) long, lonely (B,) bool) from uniform draws ``u`` in [0, 1).
+
+    Sample i picks ``candidates[⌊u_i · n_i⌋]`` among the other samples in index order, where the
+    candidates are the samples with a different prompt (all others when ``prompts`` is None): uniform
+    over them, never itself. ``lonely[i]``: no other sample has a different prompt; its partner is
+    then a same-prompt one (or −1 in a batch of one), which :func:`mix_batch` does not use.
+    """
+    b = len(u)
+    if prompts is not None and len(prompts) != b:
+        raise ValueError(f"mix_batch: {len(prompts)} prompts for a batch of {b}")
+    partner = torch.full((b,), -1, dtype=torch.long)
+    lonely = torch.zeros(b, dtype=torch.bool)
+    for i in range(b):
+        others = [j for j in range(b) if j != i]
+        distinct = others if prompts is None else [j for j in others if prompts[j] != prompts[i]]
+        if not distinct:
+            lonely[i] = True
+            distinct = others
+        if distinct:
+            partner[i] = distinct[min(int(float(u[i]) * len(distinct)), len(distinct) - 1)]
+    return partner, lonely
+
+
+def _draw(
+    cfg: MixConfig, batch: int, generator: torch.Generator, prompts: Sequence[str] | None = None
+) -> tuple[torch.Tensor, ...]:
+    """All random decisions for one batch, drawn in a fixed order and count from ``generator``.
+
+    The count does not depend on ``cfg`` or ``prompts``: changing λ's law or the batch's labels
+    never shifts the other decisions. Returns (mixed, lam, target_left, partner, lonely).
+    """
     mixed = torch.rand(batch, generator=generator, dtype=torch.float64) < cfg.prob
+    beta = _beta(cfg.alpha, batch, generator)
     if cfg.constant_lambda is not None:
         lam = torch.full((batch,), float(cfg.constant_lambda), dtype=torch.float64)
     else:
-        # Beta(α, α) as G1 / (G1 + G2) with Gi ~ Gamma(α): torch.distributions.Beta cannot take a
-        # generator, _standard_gamma (the kernel behind torch.distributions) can.
-        conc = torch.full((2, batch), float(cfg.alpha), dtype=torch.float64)
-        g = torch._standard_gamma(conc, generator=generator)
-        lam = g[0] / (g[0] + g[1]).clamp_min(torch.finfo(torch.float64).tiny)
+        lam = beta
     lam = lam.clamp(*cfg.lambda_range)
     target_left = torch.rand(batch, generator=generator, dtype=torch.float64) < 0.5
-    # Partner = (i + k) mod B with k uniform in 1..B-1: uniform over the other samples, never itself.
-    offset = torch.randint(1, max(2, batch), (batch,), generator=generator)
-    partner = (torch.arange(batch) + offset) % batch
-    return mixed, lam, target_left, partner
+    u = torch.rand(batch, generator=generator, dtype=torch.float64)
+    partner, lonely = _pick_partners(u, prompts)
+    return mixed, lam, target_left, partner, lonely
 
 
 def mix_batch(
@@ -125,8 +177,13 @@ def mix_batch(
     cfg: MixConfig,
     generator: torch.Generator,
     out_dtype: torch.dtype = torch.float32,
+    prompts: Sequence[str] | None = None,
 ) -> tuple[torch.Tensor, MixInfo]:
     """Mix a batch of uint8 clips; return ``(video, info)``.
+
+    ``prompts`` (B strings, the batch's ``"text"``): partners are chosen among samples with another
+    prompt; a sample with none stays unmixed (skipping beats an ambiguous target: an unmixed clip is
+    still a correct example of the inference-time input) and is counted in ``info``.
 
     ``frames_u8``: ``(B, T, H, W, 3)`` uint8 on any device. ``video``: ``(B, T, 3, H, W)`` in
     ``[-1, 1]``, ``out_dtype`` (float32 by default, what the model consumes), same device.
@@ -146,9 +203,11 @@ def mix_batch(
     b, t, h, w, _ = frames_u8.shape
     work_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
 
-    mixed, lam, target_left, partner = _draw(cfg, b, generator)
+    mixed, lam, target_left, partner, lonely = _draw(cfg, b, generator, prompts)
     if b < 2 or w < 2:  # no other sample, or no room for two parts: nothing can be mixed
         mixed = torch.zeros(b, dtype=torch.bool)
+    no_distinct_partner = mixed & lonely if prompts is not None else torch.zeros(b, dtype=torch.bool)
+    mixed = mixed & ~no_distinct_partner
     width = torch.floor(lam * w).long().clamp(1, max(1, w - 1))
     lam = torch.where(mixed, lam, torch.ones_like(lam))
     width = torch.where(mixed, width, torch.full_like(width, w))
@@ -169,7 +228,11 @@ def mix_batch(
         video[i] = clip
 
     out = video.div_(127.5).sub_(1.0).clamp_(-1.0, 1.0).to(out_dtype)
-    return out, MixInfo(mixed=mixed, lam=lam, target_left=target_left & mixed, partner=partner, width=width)
+    info = MixInfo(
+        mixed=mixed, lam=lam, target_left=target_left & mixed, partner=partner, width=width,
+        no_distinct_partner=no_distinct_partner,
+    )
+    return out, info
 
 
 def apply_to_batch(batch: dict, cfg: MixConfig, generator: torch.Generator) -> dict:
@@ -180,11 +243,13 @@ def apply_to_batch(batch: dict, cfg: MixConfig, generator: torch.Generator) -> d
     That is how a mixed sample keeps its target's conditioning and latent: mixing only ever
     touches the frames. A batch that already has ``"video"`` or ``"mix"`` is refused, since mixing
     or normalising a batch twice is exactly the release bug this module exists to avoid.
+    ``batch["text"]`` (the prompts), when present, steers partner choice (see :func:`mix_batch`).
     """
     if "video_u8" not in batch:
         raise KeyError(f"apply_to_batch: batch has no 'video_u8' (keys: {sorted(batch)})")
     for key in ("video", "mix"):
         if key in batch:
             raise ValueError(f"apply_to_batch: batch already has {key!r}; it would be mixed or normalised twice")
-    video, info = mix_batch(batch["video_u8"], cfg, generator)
+    prompts = batch.get("text")
+    video, info = mix_batch(batch["video_u8"], cfg, generator, prompts=prompts)
     return {**batch, "video": video, "mix": info}

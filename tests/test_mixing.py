@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selva.mixing import MixConfig, MixInfo, _draw, apply_to_batch, mix_batch, mixing_generator
+from selva.mixing import MixConfig, MixInfo, _beta, _draw, apply_to_batch, mix_batch, mixing_generator
 
 B, T, H, W = 6, 3, 8, 32
 
@@ -81,7 +81,7 @@ def test_mixed_columns_are_resized_target_and_partner() -> None:
 
 
 def test_both_sides_occur_and_partner_is_never_self() -> None:
-    mixed, _, left, partner = _draw(MixConfig(prob=1.0), 400, mixing_generator(0, 0, 0))
+    mixed, _, left, partner, _ = _draw(MixConfig(prob=1.0), 400, mixing_generator(0, 0, 0))
     assert left.any() and (~left).any()
     assert 0.4 < left.double().mean() < 0.6
     assert torch.all(partner != torch.arange(400)) and partner.min() >= 0 and partner.max() < 400
@@ -96,6 +96,70 @@ def test_both_sides_occur_and_partner_is_never_self() -> None:
         assert torch.all(info.partner != torch.arange(3))
 
 
+@pytest.mark.parametrize(
+    ("alpha", "cdf"),
+    [
+        (0.5, lambda x: 2 / math.pi * torch.asin(x.sqrt())),  # arcsine law
+        (1.0, lambda x: x),  # uniform
+        (2.0, lambda x: 3 * x**2 - 2 * x**3),
+    ],
+)
+def test_lambda_draws_follow_beta(alpha, cdf) -> None:
+    """Raw draws (before the floor) against the exact Beta(α, α) CDF: Kolmogorov-Smirnov distance
+    below the 99.9% critical value 1.95/sqrt(n), and the variance 1 / (4 (2α + 1))."""
+    n = 20000
+    lam = _beta(alpha, n, mixing_generator(7, 0, 0)).sort().values
+    assert lam.dtype == torch.float64 and lam.min() >= 0.0 and lam.max() <= 1.0
+    empirical = torch.arange(1, n + 1, dtype=torch.float64) / n
+    assert float((empirical - cdf(lam)).abs().max()) < 1.95 / math.sqrt(n)
+    assert abs(float(lam.var()) - 1 / (4 * (2 * alpha + 1))) < 0.004
+    # one seed draw per batch whatever its size: the generator is left in the same state
+    g1, g2 = mixing_generator(7, 0, 0), mixing_generator(7, 0, 0)
+    _beta(alpha, 3, g1), _beta(alpha, 300, g2)
+    assert torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=g2))
+
+
+def test_partner_has_another_prompt_when_the_batch_has_one() -> None:
+    prompts = ["dog", "dog", "cat", "dog", "rain", "cat"]
+    seen: set[tuple[int, int]] = set()
+    for step in range(60):
+        _, info = mix_batch(frames(), MixConfig(prob=1.0), mixing_generator(0, step, 0), prompts=prompts)
+        assert info.mixed.all() and not info.no_distinct_partner.any()
+        for i, j in enumerate(info.partner.tolist()):
+            assert prompts[j] != prompts[i], (step, i, j)
+            seen.add((i, j))
+        assert info.stats()["mix/no_distinct_partner"] == 0.0
+    # uniform over the different-prompt samples: each of them turns up as a partner
+    assert seen == {(i, j) for i in range(B) for j in range(B) if prompts[i] != prompts[j]}
+
+
+def test_a_batch_of_one_prompt_is_not_mixed_and_counted() -> None:
+    x = frames()
+    out, info = mix_batch(x, MixConfig(prob=1.0), mixing_generator(0, 0, 0), prompts=["dog"] * B)
+    assert not info.mixed.any() and info.no_distinct_partner.all()
+    assert torch.equal(out, normalised(x)) and torch.all(info.partner == -1)
+    assert info.stats()["mix/no_distinct_partner"] == B
+    # only the samples drawn for mixing are counted; with prob 0 none is
+    _, info = mix_batch(x, MixConfig(prob=0.0), mixing_generator(0, 0, 0), prompts=["dog"] * B)
+    assert not info.no_distinct_partner.any()
+    # one odd prompt out: it pairs with any other sample, the others can only pair with it
+    prompts = ["dog"] * (B - 1) + ["cat"]
+    _, info = mix_batch(x, MixConfig(prob=1.0), mixing_generator(0, 1, 0), prompts=prompts)
+    assert info.mixed.all() and not info.no_distinct_partner.any()
+    assert info.partner[:-1].tolist() == [B - 1] * (B - 1)
+    # the prompts steer only the partner: the other decisions are those of a batch without prompts
+    _, plain = mix_batch(x, MixConfig(prob=1.0), mixing_generator(0, 1, 0))
+    assert torch.equal(plain.lam, info.lam) and torch.equal(plain.target_left, info.target_left)
+    with pytest.raises(ValueError, match="prompts"):
+        mix_batch(x, MixConfig(), mixing_generator(0, 0, 0), prompts=["dog"])
+
+
+def test_apply_to_batch_passes_the_prompts() -> None:
+    batch = {"video_u8": frames(), "text": ["dog"] * B}
+    out = apply_to_batch(batch, MixConfig(prob=1.0), mixing_generator(0, 0, 0))
+    assert not out["mix"].mixed.any() and out["mix"].no_distinct_partner.all()
+
+
 def test_mix_rate_follows_prob() -> None:
     mixed, *_ = _draw(MixConfig(prob=0.3), 4000, mixing_generator(5, 0, 0))
     assert 0.27 < mixed.double().mean() < 0.33
@@ -103,9 +167,9 @@ def test_mix_rate_follows_prob() -> None:
 
 def test_lambda_floor_and_constant() -> None:
     cfg = MixConfig(prob=1.0, alpha=0.05)  # U-shaped Beta: most raw draws fall outside the floor
-    _, lam, _, _ = _draw(cfg, 2000, mixing_generator(0, 0, 0))
+    _, lam, *_ = _draw(cfg, 2000, mixing_generator(0, 0, 0))
     assert lam.min() == 0.05 and lam.max() == 0.95
-    _, lam, _, _ = _draw(MixConfig(alpha=1.0), 4000, mixing_generator(0, 1, 0))
+    _, lam, *_ = _draw(MixConfig(alpha=1.0), 4000, mixing_generator(0, 1, 0))
     assert abs(float(lam.mean()) - 0.5) < 0.02 and abs(float((lam < 0.25).double().mean()) - 0.25) < 0.03
 
     out, info = mix_batch(frames(), MixConfig(prob=1.0, constant_lambda=0.3), mixing_generator(0, 0, 0))

@@ -6,6 +6,7 @@ to their own folders and are compared with it byte for byte.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -16,14 +17,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import require_shared, shared_dir
 from media_fixtures import make_clip
 from tracking_servers import no_mlflow_env, silent_server
 
 from pipelines.precompute import PrecomputeConfig, prepare_dataset, resolved
 from preprocessing.manifest import read_manifest
+from preprocessing.prompt_store import PromptStore, read_empty_prompt
 from preprocessing.shard_reader import iter_shard
-from preprocessing.shards import done_and_missing, read_failures, read_input_failures, read_marker
+from preprocessing.shards import (
+    done_and_missing,
+    read_dataset_info,
+    read_failures,
+    read_input_failures,
+    read_marker,
+)
 from selva_cli.main import main
 
 REAL = ["0B4dYTMsgHA_000130", "F8Zt3mYlOqU_000094"]
@@ -38,6 +47,9 @@ EXPECTED_FAILURES = {
     "text_as_mp4": "undecodable",
     "nowhere": "missing_file",
 }
+
+LABELS = {"synth_a": "a synthetic tone", "synth_b": "a synthetic tone", "synth_c": "a synthetic tone",
+          "synth_d": "a synthetic chirp", "silent": "a synthetic chirp"}
 
 
 def _make_inputs(root: Path) -> Path:
@@ -58,7 +70,8 @@ def _make_inputs(root: Path) -> Path:
     make_clip(media / "silent.mp4", seconds=3.0, silent=True)
     (media / "text_as_mp4.mp4").write_text("this is not a video\n")
     rows = ["id\tlabel"]
-    rows += [f"{c}\tsound of {c}" for c in REAL + GOOD_SYNTHETIC + list(EXPECTED_FAILURES)]
+    # the synthetic clips share labels, as a label dataset does: fewer distinct prompts than clips
+    rows += [f"{c}\t{LABELS.get(c, f'sound of {c}')}" for c in REAL + GOOD_SYNTHETIC + list(EXPECTED_FAILURES)]
     rows.append("empty_text\t ")
     (media / "empty_text.mp4").write_bytes((media / "synth_a.mp4").read_bytes())
     table = root / "clips.tsv"
@@ -86,6 +99,19 @@ def clean_run(inputs, tmp_path_factory) -> Path:
 
 def _shard_files(dataset: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((dataset / "shards").glob("*.tar"))}
+
+
+def _training_files(dataset: Path) -> tuple[dict, dict[str, bytes], dict[str, list[bytes]]]:
+    """dataset.json's latent statistics, the empty prompt's files, and the store's features by prompt
+    (its chunking follows --workers, its content must not)."""
+    stats = read_dataset_info(dataset).latent_stats
+    empty = {p.name: p.read_bytes() for p in sorted((dataset / "text").glob("empty.*"))}
+    store = PromptStore(dataset)
+    return stats, empty, {text: [a.tobytes() for a in store.get(text)] for text in sorted(store.prompts())}
+
+
+def _distinct_prompts(dataset: Path) -> int:
+    return len({r.text for r in read_manifest(dataset / "manifest.parquet")})
 
 
 def test_every_good_clip_is_in_a_shard_and_every_bad_one_is_recorded(clean_run):
@@ -118,7 +144,12 @@ def test_a_second_run_is_a_no_op_and_a_fresh_run_is_byte_identical(clean_run, in
 
     again = tmp_path / "again"
     assert main(_args(inputs, again)) == 0
+    out = capsys.readouterr().out
+    # each distinct prompt encoded once per dataset, by the text stage; none by the shard workers
+    assert f"text:   {_distinct_prompts(again)} distinct prompts encoded, 0 already stored\n" in out
+    assert _distinct_prompts(again) < len(read_manifest(again / "manifest.parquet"))
     assert _shard_files(again) == _shard_files(clean_run)
+    assert _training_files(again) == _training_files(clean_run)
     assert (again / "manifest.parquet").read_bytes() == (clean_run / "manifest.parquet").read_bytes()
 
 
@@ -141,7 +172,7 @@ def test_mlflow_on_a_server_that_never_answers_costs_the_job_its_exit_deadline(c
     assert "still pending at the 10 s deadline" in line and line.endswith("the dataset is not affected")
 
 
-def test_sigkill_then_rerun_equals_a_clean_run(clean_run, inputs, tmp_path):
+def test_sigkill_then_rerun_equals_a_clean_run(clean_run, inputs, tmp_path, capsys):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "selva_cli.main", *_args(inputs, out, "--workers", "1")]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -158,12 +189,68 @@ def test_sigkill_then_rerun_equals_a_clean_run(clean_run, inputs, tmp_path):
     done_before, missing_before = done_and_missing(out)
     assert done_before and missing_before, "the kill should leave work to resume"
 
+    capsys.readouterr()
     assert main(_args(inputs, out)) == 0
+    assert "text:   0 distinct prompts encoded" in capsys.readouterr().out  # the killed run stored them all
     assert _shard_files(out) == _shard_files(clean_run)
+    # statistics from per-shard moments: shards written by two runs give the one-go numbers, bit for bit
+    assert _training_files(out) == _training_files(clean_run)
     for name, mtime in finished.items():  # finished shards were not redone
         assert (out / "shards" / name).stat().st_mtime_ns == mtime
     leftovers = [p for p in out.rglob("*") if ".tmp" in p.name]
     assert leftovers == []
+
+
+def test_what_training_reads_from_the_dataset(clean_run):
+    from selva.presets import TINY
+    from selva.text import build_text_encoders
+    from training.dataset_stats import configure_generator
+
+    info = read_dataset_info(clean_run)
+    samples = [s for shard in done_and_missing(clean_run)[0] for s in iter_shard(clean_run, shard)]
+    train = [s for s in samples if s.meta.split == "train"]
+    assert train and info.latent_stats["clips"] == len(train)
+    # latent statistics = an independent numpy computation over every train sample read back
+    latents = np.concatenate([s.arrays["latent_mean"] for s in train]).astype(np.float64)
+    assert info.latent_stats["frames"] == len(latents)
+    np.testing.assert_allclose(info.latent_stats["mean"], latents.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(info.latent_stats["std"], latents.std(0, ddof=1), rtol=1e-12)
+
+    # the prompt store: every distinct prompt once; the shards carry exactly its bytes
+    store = PromptStore(clean_run)
+    indexes = [json.loads(p.read_text()) for p in (clean_run / "text").glob("prompts-*.json")]
+    stored = [prompt for index in indexes for prompt in index["prompts"]]
+    assert sorted(stored) == sorted({r.text for r in read_manifest(clean_run / "manifest.parquet")})
+    for sample in samples:
+        t5, mask, clip_text = store.get(sample.meta.text)
+        assert np.array_equal(sample.arrays["t5"], t5) and np.array_equal(sample.arrays["clip_text"], clip_text)
+        assert np.array_equal(sample.arrays["t5_mask"], mask)
+
+    # the features equal encoding the prompt in this process (another process: thread counts may move
+    # the last float32 bits, so compare within one float16 step), and the empty prompt is TextEncoder.empty()
+    t5_encoder, clip_encoder = build_text_encoders("embedded", TINY)
+    text = train[0].meta.text
+    n = int(t5_encoder.encode([text]).mask.sum())
+    np.testing.assert_allclose(store.get(text)[0], t5_encoder.encode([text]).tokens[0, :n].numpy(), rtol=2e-3,
+                               atol=1e-4)
+    np.testing.assert_allclose(store.get(text)[2], clip_encoder.encode([text]).tokens[0].numpy(), rtol=2e-3,
+                               atol=1e-4)
+    empty = read_empty_prompt(clean_run, info.empty_prompt)
+    t5_empty, clip_empty = t5_encoder.empty(), clip_encoder.empty()
+    assert empty.clip_text.shape == (TINY.generator.text_seq_len, TINY.generator.text_dim)
+    np.testing.assert_allclose(empty.clip_text, clip_empty.tokens[0].numpy(), rtol=2e-3, atol=1e-4)
+    assert np.array_equal(empty.t5_mask, t5_empty.mask[0, : len(empty.t5_mask)].numpy()) and empty.t5_mask.all()
+    np.testing.assert_allclose(empty.t5, t5_empty.tokens[0, : len(empty.t5)].numpy(), rtol=2e-3, atol=1e-4)
+    assert np.abs(empty.clip_text).max() > 0.01  # not the zeros the generator had before
+
+    # used by the model: the generator normalises the train latents to zero mean, unit std per channel
+    generator = TINY.build_generator().double()
+    assert configure_generator(generator, clean_run) == "dataset"
+    assert np.array_equal(generator.empty_string_feat.numpy(), empty.clip_text.astype(np.float64))
+    assert empty.clip_text.dtype == np.float16  # stored as every prompt's features are
+    normalised = generator.normalize(torch.from_numpy(latents)[None])[0]
+    np.testing.assert_allclose(normalised.mean(0).numpy(), 0.0, atol=1e-9)
+    np.testing.assert_allclose(normalised.std(0).numpy(), 1.0, atol=1e-9)
 
 
 def test_retry_failed_reattempts_only_the_failures(clean_run, inputs, tmp_path):

@@ -104,6 +104,7 @@ class CheckReport:
     mixable: int = 0
     target_left: int = 0
     lam_sum: float = 0.0
+    no_distinct_partner: int = 0  # drawn for mixing, left unmixed: the batch held only their prompt
     errors: Counter[str] = field(default_factory=Counter)
 
     @property
@@ -149,6 +150,7 @@ def run_check(
                         report.mixed += int(info.mixed.sum())
                         report.target_left += int(info.target_left.sum())
                         report.lam_sum += float(info.lam[info.mixed].sum())
+                        report.no_distinct_partner += int(info.no_distinct_partner.sum())
                 if progress is not None:
                     progress(f"rank {rank} epoch {epoch}: {batches[epoch][rank]} batches")
             report.errors.update(loader.error_counts)
@@ -191,6 +193,11 @@ def format_report(report: CheckReport, source: ShardSource) -> list[str]:
         lines.append(
             f"mixing: {100 * share:.1f}% of samples mixed; target left {100 * left:.1f}% / right "
             f"{100 * (1 - left):.1f}%; mean lambda {lam:.3f}"
+        )
+    if report.no_distinct_partner:
+        lines.append(
+            f"mixing: {report.no_distinct_partner} sample(s) left unmixed: every other sample of their batch "
+            f"had the same prompt"
         )
     elif report.mixable:
         lines.append("mixing: on, but no sample was mixed (a batch of 1 has no partner to mix with)")

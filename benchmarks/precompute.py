@@ -52,7 +52,7 @@ def plain(cfg: PrecomputeConfig) -> tuple[float, float]:
     rows, _ = prepare_dataset(cfg)
     media_root = read_dataset_info(cfg.out).media_root
     started = time.perf_counter()
-    processor = ShardProcessor(cfg.spec())
+    processor = ShardProcessor(cfg.worker_settings())
     startup = time.perf_counter() - started
     started = time.perf_counter()
     for shard, shard_rows in rows_by_shard(rows).items():

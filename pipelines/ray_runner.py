@@ -19,14 +19,15 @@ import os
 import signal
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import ray
 from tqdm import tqdm
 
 from pipelines import crash_blame
-from pipelines.precompute import PrecomputeConfig, PrecomputeError, PrecomputeReport, add_result
-from pipelines.shard_processor import EncoderSpec, ShardProcessor, ShardResult
+from pipelines.precompute_config import PrecomputeConfig, PrecomputeError, PrecomputeReport, add_result
+from pipelines.shard_processor import ShardProcessor, ShardResult, WorkerSettings
 from pipelines.text_stage import encode_prompts
 from preprocessing.faults import TransientFault
 from preprocessing.manifest import ManifestRow
@@ -41,11 +42,11 @@ INFRA_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
 class ShardWorker:
     """Ray actor: one ShardProcessor for the actor's lifetime."""
 
-    def __init__(self, spec: EncoderSpec):
-        device = spec.device
+    def __init__(self, settings: WorkerSettings):
+        device = settings.device
         if ray.get_gpu_ids():
             device = "cuda"
-        self.processor = ShardProcessor(EncoderSpec(**{**spec.__dict__, "device": device}))
+        self.processor = ShardProcessor(replace(settings, device=device))
 
     def ready(self) -> bool:
         return True
@@ -131,9 +132,9 @@ def run_on_ray(
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     options = {"runtime_env": {"env_vars": env}} if env else {}
     actor_cls = ray.remote(num_cpus=1, num_gpus=cfg.gpus_per_worker)(ShardWorker).options(**options)
-    spec = cfg.spec()
+    settings = cfg.worker_settings()
     workers = min(cfg.workers, len(todo))
-    actors = [actor_cls.remote(spec) for _ in range(workers)]
+    actors = [actor_cls.remote(settings) for _ in range(workers)]
     every_actor = list(actors)  # replacements included, so all are released at the end
     queue = list(todo)
     attempts: dict[str, int] = {}  # unexplained worker deaths per shard (a blamed clip's are counted apart)
@@ -186,7 +187,7 @@ def run_on_ray(
                     cause = type(err).__name__
                 bar.write(f"{shard}: worker died ({cause}); retrying on a new worker")
                 ray.kill(actor, no_restart=True)
-                actor = actor_cls.remote(spec)
+                actor = actor_cls.remote(settings)
                 every_actor.append(actor)
                 queue.insert(0, shard)
                 submit(actor)

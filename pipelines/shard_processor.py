@@ -9,7 +9,7 @@ usable without the store. A per-worker LRU keeps recent prompts' features in mem
 
 Errors are classed by ``preprocessing.faults``: data errors (a bad clip) and missing files are
 recorded as failures of the shard and never retried; a storage or network fault is retried with
-the spec's back-off and then fails the shard (:class:`TransientFault`), so that nothing is recorded
+the settings' back-off and then fails the shard (:class:`TransientFault`), so that nothing is recorded
 and a rerun tries again; anything else (a bug, an encoder error, a full disk) propagates, because
 recording it per clip would hide a real fault.
 """
@@ -41,8 +41,9 @@ TEXT_CACHE_SIZE = 1024  # prompts; ~0.17 GB at the official widths (77 x 1024 CL
 
 
 @dataclass(frozen=True)
-class EncoderSpec:
-    """What a worker needs to build its encoders (small and picklable: sent to every worker)."""
+class WorkerSettings:
+    """A shard worker's settings: which encoders to build and where, how to batch and decode, the
+    failure budget and the storage-fault back-off. Small and picklable: sent to every Ray worker."""
 
     preset: str = "tiny"
     encoders: str = "embedded"
@@ -67,17 +68,17 @@ class ShardResult:
 
 
 class ShardProcessor:
-    def __init__(self, spec: EncoderSpec):
+    def __init__(self, settings: WorkerSettings):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # one "Loading weights" bar per worker is noise in a job log
-        self.spec = spec
-        self.preset: ModelPreset = get_preset(spec.preset)
+        self.settings = settings
+        self.preset: ModelPreset = get_preset(settings.preset)
         self.seq = SequenceConfig(self.preset.duration)
-        self.device = torch.device(spec.device)
+        self.device = torch.device(settings.device)
         # encode only: precompute never decodes audio, so the official vocoder is not needed
         self.encoders: FrozenEncoders = build_encoders(
-            spec.encoders, self.preset, spec.weights, self.device, decoder=False
+            settings.encoders, self.preset, settings.weights, self.device, decoder=False
         )
         # LRU of prompt features: repeated labels (VGGSound has 310) are encoded once per worker, while
         # a caption dataset with millions of distinct prompts cannot grow the cache without bound.
@@ -93,13 +94,13 @@ class ShardProcessor:
         path = resolve_media_path(row.path, media_root)
         return decode_clip(
             path, start=row.start, duration=row.duration, frame_size=self.preset.frame_size,
-            threads=self.spec.decode_threads,
+            threads=self.settings.decode_threads,
         )
 
     def _decode_retrying(self, row: ManifestRow, media_root: str | None, result: ShardResult) -> DecodedClip:
-        """``_decode``, with storage faults retried after each of ``spec.retry_delays``; then
+        """``_decode``, with storage faults retried after each of ``settings.retry_delays``; then
         :class:`TransientFault`. Data errors raise :class:`Rejected`; bugs propagate."""
-        delays = self.spec.retry_delays
+        delays = self.settings.retry_delays
         for attempt in range(len(delays) + 1):
             try:
                 return self._decode(row, media_root)
@@ -184,8 +185,8 @@ class ShardProcessor:
     @torch.inference_mode()
     def _latents(self, clips: Sequence[DecodedClip]) -> list[tuple[np.ndarray, np.ndarray]]:
         out = []
-        for i in range(0, len(clips), self.spec.batch_size):
-            wave = torch.from_numpy(np.stack([c.audio for c in clips[i : i + self.spec.batch_size]]))
+        for i in range(0, len(clips), self.settings.batch_size):
+            wave = torch.from_numpy(np.stack([c.audio for c in clips[i : i + self.settings.batch_size]]))
             mean, std = self.encoders.codec.encode(wave.to(self.device))
             out.extend(zip(mean.float().cpu().numpy(), std.float().cpu().numpy(), strict=True))
         return out
@@ -247,7 +248,7 @@ class ShardProcessor:
         timings["encode"] = time.perf_counter() - start
 
         failed = dict(failures)
-        with ShardWriter(dataset_dir, shard, rows, max_failed_fraction=self.spec.max_failed_fraction) as writer:
+        with ShardWriter(dataset_dir, shard, rows, max_failed_fraction=self.settings.max_failed_fraction) as writer:
             for row in rows:  # manifest order
                 if row.key in failed:
                     writer.reject_error(row.key, failed[row.key])

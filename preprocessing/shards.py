@@ -236,7 +236,8 @@ def read_marker(dataset_dir: str | Path, shard: str) -> ShardMarker | None:
         raise ShardError(f"{path}: damaged marker: {exc}") from exc
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, hex; read in 1 MiB blocks (tars are hundreds of MB)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

@@ -4,6 +4,7 @@
   against the official vectors and must stay removable. The one door is the CLI, whose
   ``check-reference`` verb runs it.
 * ``selva`` imports none of the other project packages (DESIGN §2: dependencies point one way).
+* No import cycles between product modules, deferred imports included.
 """
 
 from __future__ import annotations
@@ -63,3 +64,34 @@ def test_the_scan_sees_imports_in_function_bodies(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from selva.reference.weight_rule import uni\n    import selva.reference\n")
     assert {"selva.reference.weight_rule", "selva.reference"} <= _imports(module)
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_cycles() -> list[list[str]]:
+    """Cycles in the graph of product modules, counting imports inside functions too: a deferred
+    import hides a cycle from Python's loader, not from the next reader."""
+    files = {_module_name(p): p for p in _product_files()}
+    graph = {m: sorted({n for n in _imports(p) if n in files and n != m}) for m, p in files.items()}
+    cycles, state = [], {}
+
+    def visit(module: str, stack: list[str]) -> None:
+        state[module] = "open"
+        for nxt in graph[module]:
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    return cycles
+
+
+def test_no_import_cycles_between_product_modules():
+    assert _import_cycles() == []

@@ -1,0 +1,110 @@
+"""The precompute job's configuration, its report and its error: the types the driver
+(``pipelines.precompute``) and the Ray runner (``pipelines.ray_runner``) share.
+
+Apart from the job so that the runner needs nothing of the driver (no import cycle between them).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from pipelines.shard_processor import ShardResult, WorkerSettings
+from preprocessing.faults import DEFAULT_RETRY_DELAYS
+
+
+class PrecomputeError(RuntimeError):
+    """The job cannot go on (a shard over its failure budget, an encoder error, a bad set-up)."""
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    input: str
+    out: str
+    media_root: str | None = None
+    preset: str = "tiny"
+    encoders: str = "embedded"
+    weights: str | None = None
+    samples_per_shard: int = 64
+    workers: int = 2
+    gpus_per_worker: float = 0.0
+    retry_failed: bool = False
+    seed: int = 0
+    batch_size: int = 16
+    max_failed_fraction: float = 0.5
+    max_infra_retries: int = 3
+    max_clip_crashes: int = 2  # worker deaths blamed on one clip before it is recorded as crashes_worker
+    retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS  # back-off of a clip read after a storage fault
+    progress: bool = True
+
+    def worker_settings(self, device: str = "cpu") -> WorkerSettings:
+        return WorkerSettings(
+            self.preset, self.encoders, self.weights, device, self.batch_size, self.max_failed_fraction,
+            retry_delays=tuple(self.retry_delays),
+        )
+
+
+@dataclass
+class PrecomputeReport:
+    shards_total: int = 0
+    shards_done_before: int = 0
+    shards_run: list[str] = field(default_factory=list)
+    ok: int = 0
+    failed: int = 0
+    failures_by_reason: Counter = field(default_factory=Counter)
+    timings: Counter = field(default_factory=Counter)  # summed per stage over shards
+    ray_start_seconds: float = 0.0
+    worker_start_seconds: float = 0.0  # actors up with their encoders loaded
+    run_seconds: float = 0.0
+    infra_retries: int = 0
+    clip_crashes: int = 0  # worker deaths blamed on the clip being decoded
+    read_retries: int = 0  # clip reads retried after a storage or network fault
+    prompts_encoded: int = 0  # distinct prompts encoded by the text stage this run
+    prompts_stored_before: int = 0  # prompts of this run's shards found in the store
+    prompts_encoded_by_workers: int = 0  # prompts shard workers encoded themselves (0 unless the store lacked them)
+
+    def table(self) -> str:
+        lines = [
+            f"shards: {len(self.shards_run)} written this run, {self.shards_done_before} already done, "
+            f"{self.shards_total} in the dataset",
+            f"clips:  {self.ok} ok, {self.failed} failed",
+        ]
+        lines += [f"        {reason:<13} {count}" for reason, count in sorted(self.failures_by_reason.items())]
+        text = f"text:   {self.prompts_encoded} distinct prompts encoded, {self.prompts_stored_before} already stored"
+        if self.prompts_encoded_by_workers:
+            text += f", {self.prompts_encoded_by_workers} encoded by shard workers"
+        lines.append(text)
+        stages = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(self.timings.items()))
+        lines.append(
+            f"time:   ray start {self.ray_start_seconds:.1f} s, workers ready {self.worker_start_seconds:.1f} s, "
+            f"run {self.run_seconds:.1f} s ({stages})"
+        )
+        if self.infra_retries:
+            lines.append(f"        {self.infra_retries} shard attempts retried after worker failures")
+        if self.clip_crashes:
+            lines.append(f"        {self.clip_crashes} worker deaths while decoding a clip (crashes_worker after "
+                         f"repeated deaths on one clip)")
+        if self.read_retries:
+            lines.append(f"        {self.read_retries} clip reads retried after storage or network faults")
+        return "\n".join(lines)
+
+
+def add_result(report: PrecomputeReport, result: ShardResult) -> None:
+    report.shards_run.append(result.shard)
+    report.ok += result.ok
+    report.failed += result.failed
+    report.failures_by_reason.update(result.failures_by_reason)
+    report.read_retries += result.retries
+    report.timings.update(result.timings)
+    report.prompts_encoded_by_workers += result.prompts_encoded
+
+
+def config_from_args(args) -> PrecomputeConfig:
+    fields = {k: v for k, v in vars(args).items() if k in PrecomputeConfig.__dataclass_fields__}
+    return PrecomputeConfig(**fields)
+
+
+def as_params(cfg: PrecomputeConfig) -> dict[str, str]:
+    return {k: str(v) for k, v in asdict(cfg).items()}
+
+

@@ -80,7 +80,7 @@ class PrecomputeReport:
             f"run {self.run_seconds:.1f} s ({stages})"
         )
         if self.infra_retries:
-            lines.append(f"        {self.infra_retries} shard attempts retried after worker failures")
+            lines.append(f"        {self.infra_retries} tasks (shards or the text stage) rerun on fresh workers after a worker died")
         if self.clip_crashes:
             lines.append(f"        {self.clip_crashes} worker deaths while decoding a clip (crashes_worker after "
                          f"repeated deaths on one clip)")

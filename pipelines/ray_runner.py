@@ -19,6 +19,7 @@ import os
 import signal
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from preprocessing.shard_reader import iter_shard
 
 # driver environment that workers must see even when Ray was started earlier in the same process
 FORWARDED_ENV = ("SELVA_FAULT_EXIT_SHARD", "SELVA_FAULT_CRASH_CLIP")
+TEXT_STAGE = "text-stage"  # the fault-injection name of the text stage
 INFRA_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError)
 
 
@@ -53,6 +55,7 @@ class ShardWorker:
 
     def store_prompts(self, dataset_dir: str, prompts: list[str]) -> int:
         """Text stage (pipelines/text_stage.py): encode ``prompts`` into one chunk of the prompt store."""
+        _maybe_inject_fault(TEXT_STAGE)
         return self.processor.store_prompts(dataset_dir, prompts)
 
     def store_empty_prompt(self, dataset_dir: str) -> None:
@@ -81,16 +84,15 @@ class ShardWorker:
             crash_blame.clear(dataset_dir, shard)  # a live worker's breadcrumb blames nothing
 
 
-def _maybe_inject_fault(shard: str) -> None:
-    """Fault injection for the resilience tests: ``SELVA_FAULT_EXIT_SHARD=<shard>:<flag file>`` makes
-    the worker process die (as an OOM kill would) the first time it starts that shard."""
-    spec = os.environ.get("SELVA_FAULT_EXIT_SHARD")
-    if not spec:
-        return
-    target, _, flag = spec.partition(":")
-    if target == shard and flag and not os.path.exists(flag):
-        Path(flag).write_text("crashed once")
-        os._exit(1)
+def _maybe_inject_fault(task: str) -> None:
+    """Fault injection for the resilience tests: ``SELVA_FAULT_EXIT_SHARD=<task>:<flag file>[,...]``
+    makes the worker process die (as an OOM kill would) the first time it starts that shard (or the
+    text stage, ``TEXT_STAGE``)."""
+    for spec in filter(None, os.environ.get("SELVA_FAULT_EXIT_SHARD", "").split(",")):
+        target, _, flag = spec.partition(":")
+        if target == task and flag and not os.path.exists(flag):
+            Path(flag).write_text("crashed once")
+            os._exit(1)
 
 
 def _maybe_crash_on(row: ManifestRow) -> None:
@@ -101,15 +103,34 @@ def _maybe_crash_on(row: ManifestRow) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def run_text_stage(cfg: PrecomputeConfig, actors: list, rows: list[ManifestRow], report: PrecomputeReport) -> None:
-    """Each distinct prompt of ``rows`` encoded once per dataset, before any shard (pipelines/text_stage.py)."""
-    try:
-        encoded, stored, seconds = encode_prompts(str(cfg.out), rows, actors)
-    except (ray.exceptions.RayTaskError, *INFRA_ERRORS) as err:
-        cause = getattr(err, "cause", None) or err
-        raise PrecomputeError(f"text stage: {type(cause).__name__}: {cause}") from None
-    report.prompts_encoded, report.prompts_stored_before = encoded, stored
-    report.timings["text"] += seconds
+def run_text_stage(
+    cfg: PrecomputeConfig, actors: list, rows: list[ManifestRow], report: PrecomputeReport,
+    replace_actors: Callable[[list], list],
+) -> list:
+    """Each distinct prompt of ``rows`` encoded once per dataset, before any shard (pipelines/text_stage.py).
+
+    A worker that dies here (OOM kill, lost node) costs a rerun of the stage on fresh actors, up to
+    ``max_infra_retries`` times, as a shard's would; chunks finished before are kept, so the rerun
+    encodes only what is missing. Returns the actors to go on with.
+    """
+    for attempt in range(1, cfg.max_infra_retries + 2):
+        try:
+            encoded, stored, seconds = encode_prompts(str(cfg.out), rows, actors)
+        except INFRA_ERRORS as err:
+            if attempt > cfg.max_infra_retries:
+                raise PrecomputeError(f"text stage: a worker died {attempt} times; last error: {err}") from err
+            report.infra_retries += 1
+            print(f"text stage: worker died ({type(err).__name__}); retrying on new workers")
+            actors = replace_actors(actors)
+            continue
+        except ray.exceptions.RayTaskError as err:
+            cause = err.cause if err.cause is not None else err
+            raise PrecomputeError(f"text stage: {type(cause).__name__}: {cause}") from None
+        report.prompts_encoded += encoded
+        report.prompts_stored_before = stored
+        report.timings["text"] += seconds
+        return actors
+    raise AssertionError("unreachable")
 
 
 def _init_ray(cfg: PrecomputeConfig) -> None:
@@ -158,7 +179,16 @@ def run_on_ray(
         except ray.exceptions.RayActorError as err:
             raise PrecomputeError(f"workers could not start (encoder set-up failed?): {err}") from None
         report.worker_start_seconds = time.perf_counter() - run_started
-        run_text_stage(cfg, actors, [row for shard in todo for row in by_shard[shard]], report)
+        def replace_actors(dead: list) -> list:
+            for actor in dead:
+                ray.kill(actor, no_restart=True)
+            fresh = [actor_cls.remote(settings) for _ in dead]
+            every_actor.extend(fresh)
+            ray.get([actor.ready.remote() for actor in fresh])
+            return fresh
+
+        rows = [row for shard in todo for row in by_shard[shard]]
+        actors = run_text_stage(cfg, actors, rows, report, replace_actors)
         run_started = time.perf_counter()
         for actor in actors:
             if queue:

@@ -283,13 +283,18 @@ def test_retry_failed_reattempts_only_the_failures(clean_run, inputs, tmp_path):
 
 
 def test_a_worker_that_dies_is_replaced_and_its_shard_redone(inputs, tmp_path, monkeypatch, capsys):
+    """A worker dies once in the text stage and once in a shard: both are rerun on fresh workers."""
     out = tmp_path / "crash"
-    flag = tmp_path / "crashed-once"
-    monkeypatch.setenv("SELVA_FAULT_EXIT_SHARD", f"train-000000:{flag}")
+    text_flag, shard_flag = tmp_path / "text-crashed-once", tmp_path / "shard-crashed-once"
+    monkeypatch.setenv("SELVA_FAULT_EXIT_SHARD", f"text-stage:{text_flag},train-000000:{shard_flag}")
     assert main(_args(inputs, out)) == 0
-    assert flag.exists()
-    assert "retried after worker failures" in capsys.readouterr().out
+    assert text_flag.exists() and shard_flag.exists()
+    printed = capsys.readouterr().out
+    assert "text stage: worker died" in printed
+    assert "2 tasks (shards or the text stage) rerun on fresh workers after a worker died" in printed
     assert done_and_missing(out)[1] == []
+    prompts = {row.text for row in read_manifest(out / "manifest.parquet")}
+    assert PromptStore(out).prompts() == prompts  # every prompt stored, once, despite the death
 
 
 def test_a_shard_over_its_failure_budget_stops_the_job_loudly(inputs, tmp_path, capsys):

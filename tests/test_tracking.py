@@ -14,6 +14,8 @@ from tracking_servers import closed_port, no_mlflow_env, record_http_calls, sile
 from training.tracking import RETRIES_ENV, TIMEOUT_ENV, Tracker, TrackingConfig
 
 CEILING_S = 30.0  # the loose bound for a job facing a tracking outage
+# scheduling slack past a deadline on a loaded 2-core machine; the defect guarded against costs minutes
+SLACK_S = 5.0
 STEPS = 100
 
 
@@ -41,7 +43,7 @@ def test_a_closed_port_costs_the_job_nothing(monkeypatch, capsys):
     deadline = 5.0
     t0 = time.monotonic()
     summary = tracker.close(deadline_s=deadline)
-    assert time.monotonic() - t0 < deadline + 1.0
+    assert time.monotonic() - t0 < deadline + SLACK_S
 
     assert calls.threads and job not in calls.threads  # every request ran on the tracker's thread
     assert tracker.mlflow_thread_ids and job not in tracker.mlflow_thread_ids
@@ -76,7 +78,7 @@ def test_a_server_that_never_answers_costs_the_job_only_the_close_deadline(monke
         t0 = time.monotonic()
         summary = tracker.close(deadline_s=deadline)
         took = time.monotonic() - t0
-        assert deadline - 0.05 <= took < deadline + 1.0  # it waited for the deadline, and no longer
+        assert deadline - 0.05 <= took < deadline + SLACK_S  # it waited for the deadline, and no longer
         assert not summary.finished and summary.sent == 0 and summary.dropped == STEPS + 1
         assert summary.problem(deadline) == (
             f"MLflow tracking at {uri}: {STEPS + 1} of {STEPS + 1} values not sent "

@@ -30,6 +30,7 @@ from preprocessing.errors import Rejected, RejectReason
 from preprocessing.faults import DEFAULT_RETRY_DELAYS, FaultClass, TransientFault, classify, describe
 from preprocessing.manifest import ManifestRow, check_row, resolve_media_path
 from preprocessing.media import DecodedClip, decode_clip
+from preprocessing.media_probe import IO_TIMEOUT_S
 from preprocessing.prompt_store import EmptyPrompt, PromptFeatures, PromptStore, write_chunk, write_empty_prompt
 from preprocessing.sample import Sample, SampleMeta
 from preprocessing.shard_writer import ShardWriter
@@ -53,6 +54,7 @@ class WorkerSettings:
     max_failed_fraction: float = 0.5
     decode_threads: int = 1  # a worker owns one CPU: FFmpeg's automatic threads would oversubscribe
     retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS  # back-off before each retry of a storage fault
+    io_timeout_s: float = IO_TIMEOUT_S  # a URL read waiting longer is a storage fault (a silent server)
 
 
 @dataclass
@@ -95,6 +97,7 @@ class ShardProcessor:
         return decode_clip(
             path, start=row.start, duration=row.duration, frame_size=self.preset.frame_size,
             threads=self.settings.decode_threads,
+            io_timeout_s=self.settings.io_timeout_s,
         )
 
     def _decode_retrying(self, row: ManifestRow, media_root: str | None, result: ShardResult) -> DecodedClip:

@@ -57,6 +57,7 @@ from preprocessing.errors import Rejected, RejectReason
 from preprocessing.faults import is_transient
 from preprocessing.media_audio import AUDIO_SHORTFALL_S, AudioCollector, place_audio
 from preprocessing.media_probe import (
+    IO_TIMEOUT_S,
     MediaInfo,
     MediaSource,
     StreamInfo,
@@ -161,14 +162,14 @@ def _landed(picker: FramePicker, audio: AudioCollector, t0: float) -> bool:
     return video_ok and audio_ok and picker.stream_error is None  # an error after a seek: try earlier
 
 
-def _reopen(source: MediaSource, label: str) -> av.container.InputContainer | None:
+def _reopen(source: MediaSource, label: str, io_timeout_s: float) -> av.container.InputContainer | None:
     """A fresh container (fresh demuxer and decoders) on ``source``; None for an unseekable file object."""
     if not isinstance(source, (str, os.PathLike)):
         try:
             source.seek(0)
         except (AttributeError, OSError, ValueError):
             return None
-    return open_media(source, label)[0]
+    return open_media(source, label, io_timeout_s)[0]
 
 
 def decode_clip(
@@ -181,6 +182,7 @@ def decode_clip(
     fps: int = 25,
     name: str | None = None,
     threads: int = 0,
+    io_timeout_s: float = IO_TIMEOUT_S,
 ) -> DecodedClip:
     """Decode [start, start + duration) of ``source`` into sync frames and training audio.
 
@@ -188,14 +190,15 @@ def decode_clip(
     start time. Raises :class:`Rejected` (missing_file, undecodable, no_video, no_audio, too_short,
     silent); a storage or network fault (``preprocessing.faults.is_transient``) is raised as it is.
     ``threads`` caps FFmpeg's decode and scale threads (0: automatic, one per core); a worker
-    that owns one core should pass 1, or parallel workers oversubscribe the machine.
+    that owns one core should pass 1, or parallel workers oversubscribe the machine. A URL read that
+    waits more than ``io_timeout_s`` seconds fails as a storage fault (a server that never answers).
     """
     if duration <= 0 or start < 0 or frame_size <= 0:
         raise ValueError(f"need duration > 0, start >= 0, frame_size > 0; got {duration}, {start}, {frame_size}")
     label = media_label(source, name)
     seq = SequenceConfig(duration, sampling_rate=sample_rate, sync_frame_rate=fps)
     container: av.container.InputContainer | None
-    container, size = open_media(source, label)
+    container, size = open_media(source, label, io_timeout_s)
     try:
         info = probe_container(container, label, size)
         if info.video is None:
@@ -212,7 +215,7 @@ def decode_clip(
             if attempt:  # a decoder that has run cannot be reconfigured or trusted: start afresh
                 container.close()
                 container = None
-                container = _reopen(source, label)
+                container = _reopen(source, label, io_timeout_s)
                 if container is None:  # an unseekable file object: keep what the first pass found
                     break
             try:

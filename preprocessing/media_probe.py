@@ -26,6 +26,10 @@ from preprocessing.orientation import Orientation, from_frame
 # Without it a dropped transfer reads as a truncated file (InvalidDataError), a data error we
 # would record for good. A failure to connect at all still raises (ECONNRESET, ...): the caller retries.
 HTTP_OPTIONS = {"reconnect": "1", "reconnect_max_retries": "5"}
+# A server that accepts and never answers (or stalls mid-file) would block a worker forever: every
+# URL read gets FFmpeg's rw_timeout, and a read that waits longer fails with ETIMEDOUT/EIO, a
+# transient fault (retried, then the shard fails loudly). Seconds; generous for a slow object store.
+IO_TIMEOUT_S = 30.0
 MediaSource = str | os.PathLike[str] | BinaryIO
 
 
@@ -128,12 +132,15 @@ def ffmpeg_reason(err: BaseException) -> str:
     return getattr(err, "strerror", None) or str(err) or type(err).__name__
 
 
-def open_media(source: MediaSource, name: str | None = None) -> tuple[av.container.InputContainer, int | None]:
+def open_media(
+    source: MediaSource, name: str | None = None, io_timeout_s: float = IO_TIMEOUT_S
+) -> tuple[av.container.InputContainer, int | None]:
     """Open ``source`` for reading, turning every way the file can be bad into :class:`Rejected`.
 
     Storage and network faults (``preprocessing.faults``: ECONNRESET, EIO, an HTTP 5xx, ...) are
-    raised as they are: they say nothing about the file, and the caller may retry them. Returns the
-    container and the file size in bytes (None for file objects and URLs).
+    raised as they are: they say nothing about the file, and the caller may retry them; a URL read
+    that waits more than ``io_timeout_s`` seconds is one. Returns the container and the file size in
+    bytes (None for file objects and URLs).
     """
     label = media_label(source, name)
     size: int | None = None
@@ -147,9 +154,13 @@ def open_media(source: MediaSource, name: str | None = None) -> tuple[av.contain
         if size == 0:
             raise Rejected(RejectReason.UNDECODABLE, f"{label}: file is empty (0 bytes)")
         source = os.fspath(path)
-    url = isinstance(source, str) and source.startswith(("http://", "https://"))
+    options = None
+    if isinstance(source, str) and "://" in source:
+        options = {"rw_timeout": str(round(io_timeout_s * 1e6))}  # microseconds, as FFmpeg counts
+        if source.startswith(("http://", "https://")):
+            options.update(HTTP_OPTIONS)
     try:
-        container = av.open(source, mode="r", metadata_errors="ignore", options=dict(HTTP_OPTIONS) if url else None)
+        container = av.open(source, mode="r", metadata_errors="ignore", options=options)
     except (av.FFmpegError, OSError, ValueError) as err:  # InvalidDataError is a ValueError
         kind = classify(err)
         if kind is FaultClass.TRANSIENT:
@@ -173,14 +184,14 @@ def _first_orientation(container: av.container.InputContainer, stream: av.VideoS
     return None
 
 
-def probe(source: MediaSource, name: str | None = None) -> MediaInfo:
+def probe(source: MediaSource, name: str | None = None, io_timeout_s: float = IO_TIMEOUT_S) -> MediaInfo:
     """Container and stream facts; raises :class:`Rejected` if it cannot open.
 
     The only decoding is of the first video frame: FFmpeg exposes the display matrix on decoded
     frames (PyAV has no stream side data), so that is where ``StreamInfo.orientation`` comes from.
     """
     label = media_label(source, name)
-    container, size = open_media(source, label)
+    container, size = open_media(source, label, io_timeout_s)
     with container:
         info = probe_container(container, label, size)
         stream = video_stream(container)

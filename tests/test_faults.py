@@ -14,6 +14,7 @@ import pytest
 import webdataset as wds
 from fault_server import FaultServer
 from media_fixtures import make_clip, truncate_copy, write_text_as
+from tracking_servers import silent_server
 
 from preprocessing.errors import Rejected, RejectReason
 from preprocessing.faults import FaultClass, classify
@@ -90,3 +91,14 @@ def test_decoding_over_http_equals_decoding_the_file(media):
     with pytest.raises(Rejected) as bad:
         _decode(f"{server.url}/truncated.mp4")
     assert bad.value.reason == RejectReason.UNDECODABLE
+
+
+def test_a_media_server_that_never_answers_is_a_storage_fault_not_a_hang():
+    """A server that accepts the connection and sends nothing: the read ends at ``io_timeout_s`` as a
+    transient fault (which the precompute job retries, then fails the shard), instead of blocking a
+    worker forever."""
+    with silent_server() as port:
+        err = _error_of(lambda: decode_clip(f"http://127.0.0.1:{port}/clip.mp4", duration=2.0, frame_size=32,
+                                            io_timeout_s=1.0))  # fmt: skip
+    assert isinstance(err, av.error.TimeoutError) and classify(err) is FaultClass.TRANSIENT
+    assert f"127.0.0.1:{port}/clip.mp4" in str(err)

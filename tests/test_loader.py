@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from fault_server import FaultServer
+from tracking_servers import silent_server
 
 from pipelines.synth import sample_level, write_synthetic_dataset
 from preprocessing.compact import decode_sync_mp4
@@ -419,3 +420,16 @@ def test_a_shard_read_that_fails_is_retried_then_stops_loudly(dataset):
         with pytest.raises(ShardReadError, match=rf"{name}: unreadable after 3 attempts: OSError: .*exit 56"):
             epoch_keys(build_loader(urls, cfg, samples_per_epoch=NUM))
         assert server.resets[name] == 3
+
+
+def test_a_shard_server_that_goes_silent_stops_the_loader_instead_of_hanging(dataset):
+    """A server that accepts and never sends a byte: each read ends after ``stall_s`` (curl exit 28),
+    is retried, and the loader stops with ShardReadError naming the shard and what curl saw."""
+    root, _keys = dataset
+    shard = done_and_missing(root)[0][0]
+    with silent_server() as port:
+        url = f"http://127.0.0.1:{port}/{shard_tar_path(root, shard).name}"
+        errors = ErrorLog("test")
+        with pytest.raises(ShardReadError, match=rf"{url}: unreadable after 2 attempts: .*curl exit 28: timed out"):
+            list(iter_segment(ShardEntry(url, None), Segment(0), errors, (0.01,), stall_s=1.0))
+    assert errors.counts == {RETRY_KIND: 1}

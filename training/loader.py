@@ -58,7 +58,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from selva.mixing import MixConfig, apply_to_batch, mixing_generator
 from training.sample_stream import STREAM_KEY, StreamSpec, worker_batches
 from training.shard_order import ShardSource, batches_per_rank, open_source, plan_rank, worker_batch_count
-from training.tar_stream import READ_RETRY_DELAYS
+from training.tar_stream import READ_RETRY_DELAYS, READ_STALL_S
 
 log = logging.getLogger("selva.loader")
 
@@ -81,6 +81,8 @@ class LoaderConfig:
     timeout_s: float = 0.0  # DataLoader timeout per batch (0: wait forever)
     # back-off of a shard re-read after a storage or network fault; past the last, ShardReadError stops training
     read_retry_delays: tuple[float, ...] = READ_RETRY_DELAYS
+    # an http(s) shard read that moves no byte for this long is a storage fault (a server that went silent)
+    read_stall_s: float = READ_STALL_S
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.num_workers < 0 or self.shuffle_buffer < 0 or self.prefetch_factor < 1:
@@ -235,6 +237,7 @@ class TrainLoader:
             max_consecutive_errors=cfg.max_consecutive_errors,
             error_log_interval_s=cfg.error_log_interval_s,
             read_retry_delays=tuple(cfg.read_retry_delays),
+            read_stall_s=cfg.read_stall_s,
         )
 
     def _finish(self, batch: dict[str, Any], step: int) -> dict[str, Any]:

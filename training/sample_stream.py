@@ -36,7 +36,7 @@ from preprocessing.sample import VARIABLE_LENGTH_FIELDS
 from preprocessing.shard_reader import decode_sample
 from preprocessing.shards import ShardError
 from training.shard_order import ShardSource, WorkerPlan, seeded_rng
-from training.tar_stream import READ_RETRY_DELAYS, ErrorLog, RawSample, iter_segment
+from training.tar_stream import READ_RETRY_DELAYS, READ_STALL_S, ErrorLog, RawSample, iter_segment
 
 STREAM_KEY = "_stream"  # bookkeeping the loader strips from each batch before handing it out
 
@@ -59,6 +59,7 @@ class StreamSpec:
     max_consecutive_errors: int = 1000
     error_log_interval_s: float = 60.0
     read_retry_delays: tuple[float, ...] = READ_RETRY_DELAYS
+    read_stall_s: float = READ_STALL_S
 
 
 def shuffled(items: Iterable[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
@@ -91,7 +92,9 @@ def raw_rounds(spec: StreamSpec, plan: WorkerPlan, errors: ErrorLog) -> Iterator
             segments = [plan.redraw[i] for i in order]
         raw = (
             s for seg in segments
-            for s in iter_segment(spec.source.shards[seg.shard], seg, errors, spec.read_retry_delays)
+            for s in iter_segment(
+                spec.source.shards[seg.shard], seg, errors, spec.read_retry_delays, spec.read_stall_s
+            )
         )  # fmt: skip
         emitted = 0
         for sample in shuffled(raw, spec.shuffle_buffer, seeded_rng("shuffle", *ids, round_)):

@@ -31,6 +31,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
+import shlex
 import tarfile
 import time
 from collections import Counter
@@ -48,6 +50,16 @@ log = logging.getLogger("selva.loader")
 UNREAD_MEMBERS = frozenset({"audio.flac"})
 READ_RETRY_DELAYS = (1.0, 4.0, 16.0)  # seconds before each re-read of a segment after a storage fault
 RETRY_KIND = "read_retry"  # ErrorLog kind counting re-reads (no sample is lost to them)
+# A shard server that accepts and then sends nothing would block a loader worker forever (WebDataset's
+# curl line sets only a connect timeout): an http(s) read that moves no byte for this long fails, as
+# a storage fault (retried, then ShardReadError). Seconds.
+READ_STALL_S = 60.0
+# curl's exit codes met when reading a shard (curl(1), "EXIT CODES"), for one readable line
+CURL_EXITS = {
+    6: "could not resolve the host", 7: "could not connect", 18: "transfer ended early",
+    22: "the server answered with an HTTP error (>= 400)", 28: "timed out: no data moved",
+    35: "TLS handshake failed", 52: "the server sent nothing", 55: "sending failed", 56: "receiving failed",
+}  # fmt: skip
 
 
 class ShardReadError(RuntimeError):
@@ -105,7 +117,7 @@ class RawSample:
 
 
 @contextlib.contextmanager
-def _open_tar(url: str) -> Iterator[tarfile.TarFile]:
+def _open_tar(url: str, stall_s: float = READ_STALL_S) -> Iterator[tarfile.TarFile]:
     path = local_path(url)
     if path is not None:
         with tarfile.open(path, mode="r:") as tar:  # seekable: unread member data is skipped, not read
@@ -113,10 +125,34 @@ def _open_tar(url: str) -> Iterator[tarfile.TarFile]:
         return
     import webdataset as wds
 
-    # TarFile does not close a stream it was handed: close it here, so a pipe's process is reaped
-    # (and its exit status checked) now rather than whenever the garbage collector runs
-    with contextlib.closing(wds.gopen(url, "rb")) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-        yield tar
+    if url.startswith(("http://", "https://")):
+        url = "pipe:" + shlex.join(_curl_command(url, stall_s))
+    try:
+        # TarFile does not close a stream it was handed: close it here, so a pipe's process is reaped
+        # (and its exit status checked) now rather than whenever the garbage collector runs
+        with contextlib.closing(wds.gopen(url, "rb")) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            yield tar
+    except OSError as err:
+        raise _readable(err) from err
+
+
+def _curl_command(url: str, stall_s: float) -> list[str]:
+    """curl for one shard: no retries of its own (``iter_segment`` retries, resuming where it stopped),
+    and a stall (no byte for ``stall_s``) or a slow connect ends it."""
+    stall = str(max(1, round(stall_s)))
+    return ["curl", "--fail", "--silent", "--location", "--connect-timeout", stall,
+            "--speed-limit", "1", "--speed-time", stall, url]  # fmt: skip
+
+
+def _readable(err: OSError) -> OSError:
+    """WebDataset reports a pipe's failure as ``((args,), {kwargs}): exit N (read) {}``: say what N means."""
+    found = re.search(r"exit (\d+)", str(err)) if err.errno is None else None
+    if found is None:
+        return err
+    code = int(found.group(1))
+    command = err.args[0] if err.args else ""
+    url = re.findall(r"'((?:https?|s3|gs)://[^']+)'", str(command)) or ["the shard"]
+    return OSError(f"{url[-1]}: curl exit {code}: {CURL_EXITS.get(code, 'see curl(1), EXIT CODES')}")
 
 
 def _expected_keys(shard: ShardEntry) -> list[str] | None:
@@ -127,7 +163,8 @@ def _expected_keys(shard: ShardEntry) -> list[str] | None:
 
 
 def iter_segment(
-    shard: ShardEntry, segment: Segment, errors: ErrorLog, retry_delays: Sequence[float] = READ_RETRY_DELAYS
+    shard: ShardEntry, segment: Segment, errors: ErrorLog, retry_delays: Sequence[float] = READ_RETRY_DELAYS,
+    stall_s: float = READ_STALL_S,
 ) -> Iterator[RawSample]:
     """The raw samples at positions ``[segment.start, segment.stop)`` of ``shard``'s tar, in order,
     each once: a read that fails for the storage's sake is retried from the first sample not yet
@@ -135,7 +172,7 @@ def iter_segment(
     delivered = 0
     for attempt in range(len(retry_delays) + 1):
         try:
-            for sample in _read_segment(shard, replace(segment, start=segment.start + delivered), errors):
+            for sample in _read_segment(shard, replace(segment, start=segment.start + delivered), errors, stall_s):
                 delivered += 1
                 yield sample
             return
@@ -150,7 +187,7 @@ def iter_segment(
             time.sleep(retry_delays[attempt])
 
 
-def _read_segment(shard: ShardEntry, segment: Segment, errors: ErrorLog) -> Iterator[RawSample]:
+def _read_segment(shard: ShardEntry, segment: Segment, errors: ErrorLog, stall_s: float) -> Iterator[RawSample]:
     """One attempt at the raw samples at positions ``[segment.start, segment.stop)`` of ``shard``'s tar.
 
     Problems that concern one sample travel with it (``RawSample.problem``); problems that make the
@@ -167,7 +204,7 @@ def _read_segment(shard: ShardEntry, segment: Segment, errors: ErrorLog) -> Iter
 
     try:
         expected = _expected_keys(shard)
-        with _open_tar(url) as tar:
+        with _open_tar(url, stall_s) as tar:
 
             def bad_name(info: tarfile.TarInfo) -> None:
                 errors.record("member", f"{url}: {bad_name_message(info.name)}", ident=(url, info.name))

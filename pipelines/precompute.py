@@ -69,6 +69,8 @@ __all__ = [
 def prepare_dataset(cfg: PrecomputeConfig) -> tuple[list[ManifestRow], DatasetInfo]:
     """Build the manifest and dataset.json once; later runs reuse them (and refuse a different set-up)."""
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise PrecomputeError(f"{out}: --out is an existing file; it names the dataset folder to create or resume")
     preset = get_preset(cfg.preset)
     manifest_path = out / MANIFEST
     if (out / DATASET_JSON).exists():  # written last: its presence means the manifest step finished
@@ -107,11 +109,11 @@ def prepare_dataset(cfg: PrecomputeConfig) -> tuple[list[ManifestRow], DatasetIn
         print(f"input problem: {problem}")
     if len(problems) > 20:
         print(f"... and {len(problems) - 20} more input problems")
-    out.mkdir(parents=True, exist_ok=True)
-    write_input_failures(out, [_input_failure(p) for p in rejected])
     total = len(rows) + len(rejected)  # every row is a clip or a rejection
     if total == 0:
         raise PrecomputeError(f"{cfg.input}: the table has no data rows (only a header or blank lines)")
+    out.mkdir(parents=True, exist_ok=True)
+    write_input_failures(out, [_input_failure(p) for p in rejected])
     by_reason = dict(sorted(Counter(p.kind for p in rejected).items()))
     if rejected:
         print(f"{len(rejected)} of {total} input rows rejected ({by_reason}); recorded in {input_failures_path(out)}")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.precompute import PrecomputeConfig, PrecomputeError, PrecomputeReport, as_params, config_from_args
+from preprocessing.shards import DATASET_JSON
 from training.tracking import Tracker, TrackingConfig, default_uri
 
 EXPERIMENT = "selva-precompute"
@@ -45,6 +46,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="encoder batch size")
     p.add_argument("--max-failed-fraction", dest="max_failed_fraction", type=float, default=0.5,
                    help="a shard with a larger share of failed clips stops the job (default 0.5)")
+    p.add_argument("--io-timeout", dest="io_timeout_s", type=float, default=30.0,
+                   help="seconds a media URL may leave a read waiting before it counts as a storage fault "
+                        "(retried, then the shard fails; default 30)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--mlflow", action="store_true",
                    help="log the run to MLflow (MLFLOW_TRACKING_URI, else sqlite in the dataset folder); "
@@ -70,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
         report = run_precompute(cfg)
     except PrecomputeError as err:
         print(f"error: {err}", file=sys.stderr)
-        print("finished shards are kept; rerun the same command to resume", file=sys.stderr)
+        if (Path(cfg.out) / DATASET_JSON).exists():  # past the manifest step: shards may be done
+            print("finished shards are kept; rerun the same command to resume", file=sys.stderr)
         finish_tracking(tracker, "FAILED")
         return 1
     except BaseException as err:  # an expected error main() reports, a bug, or Ctrl-C: the run is ended too

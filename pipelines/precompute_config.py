@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from pipelines.shard_processor import ShardResult, WorkerSettings
 from preprocessing.faults import DEFAULT_RETRY_DELAYS
+from preprocessing.media_probe import IO_TIMEOUT_S
 
 
 class PrecomputeError(RuntimeError):
@@ -35,12 +36,13 @@ class PrecomputeConfig:
     max_infra_retries: int = 3
     max_clip_crashes: int = 2  # worker deaths blamed on one clip before it is recorded as crashes_worker
     retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS  # back-off of a clip read after a storage fault
+    io_timeout_s: float = IO_TIMEOUT_S  # seconds a media URL may leave a read waiting (then: a storage fault)
     progress: bool = True
 
     def worker_settings(self, device: str = "cpu") -> WorkerSettings:
         return WorkerSettings(
             self.preset, self.encoders, self.weights, device, self.batch_size, self.max_failed_fraction,
-            retry_delays=tuple(self.retry_delays),
+            retry_delays=tuple(self.retry_delays), io_timeout_s=self.io_timeout_s,
         )
 
 
@@ -80,7 +82,10 @@ class PrecomputeReport:
             f"run {self.run_seconds:.1f} s ({stages})"
         )
         if self.infra_retries:
-            lines.append(f"        {self.infra_retries} tasks (shards or the text stage) rerun on fresh workers after a worker died")
+            lines.append(
+                f"        {self.infra_retries} tasks (shards or the text stage) rerun on fresh workers "
+                "after a worker died"
+            )
         if self.clip_crashes:
             lines.append(f"        {self.clip_crashes} worker deaths while decoding a clip (crashes_worker after "
                          f"repeated deaths on one clip)")

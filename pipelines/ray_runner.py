@@ -34,6 +34,7 @@ from preprocessing.faults import TransientFault
 from preprocessing.manifest import ManifestRow
 from preprocessing.sample import Sample
 from preprocessing.shard_reader import iter_shard
+from preprocessing.shards import ShardError
 
 # driver environment that workers must see even when Ray was started earlier in the same process
 FORWARDED_ENV = ("SELVA_FAULT_EXIT_SHARD", "SELVA_FAULT_CRASH_CLIP")
@@ -133,6 +134,17 @@ def run_text_stage(
     raise AssertionError("unreachable")
 
 
+def _shard_error(shard: str, cause: BaseException) -> str:
+    """One line for a shard that stops the job, naming the shard once."""
+    ours = (TransientFault, PrecomputeError, ShardError)  # messages that already say what is wrong
+    text = str(cause) if isinstance(cause, ours) else f"{type(cause).__name__}: {cause}"
+    if isinstance(cause, TransientFault):  # nothing of the shard was written: a rerun redoes it
+        text += "; nothing of the shard was written"
+    if not str(cause).startswith(shard):
+        text = f"{shard}: {text}"
+    return text
+
+
 def _init_ray(cfg: PrecomputeConfig) -> None:
     if ray.is_initialized():
         return
@@ -141,6 +153,36 @@ def _init_ray(cfg: PrecomputeConfig) -> None:
     else:
         # the embedded default: a private local Ray with exactly the requested CPUs
         ray.init(num_cpus=cfg.workers, include_dashboard=False, log_to_driver=True, logging_level="WARNING")
+
+
+def _usable_workers(wanted: int, gpus_per_worker: float) -> int:
+    """How many actors to start. A Ray of this process (no ``RAY_ADDRESS``: started by this run, or by
+    an earlier one in the same process with fewer ``--workers``) has fixed CPUs, and an actor beyond
+    them would wait forever: fewer are started, with a warning. A cluster may autoscale: its request
+    stands (``_wait_ready`` says what it is waiting for)."""
+    if os.environ.get("RAY_ADDRESS") or gpus_per_worker:
+        return wanted
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    if 0 < cpus < wanted:
+        print(f"warning: this process's Ray has {cpus} CPU(s); starting {cpus} worker(s) instead of {wanted}")
+        return cpus
+    return wanted
+
+
+def _wait_ready(actors: list, notice_s: float = 60.0) -> None:
+    """Wait until every actor has loaded its encoders; every ``notice_s`` say how many still wait (a
+    cluster short of free CPUs or GPUs leaves actors pending, silently otherwise). Raises
+    ``RayActorError`` for an actor that failed to start."""
+    pending = [actor.ready.remote() for actor in actors]
+    while pending:
+        done, pending = ray.wait(pending, num_returns=len(pending), timeout=notice_s)
+        ray.get(done)
+        if pending:
+            free = ray.available_resources()
+            print(
+                f"waiting for {len(pending)} of {len(actors)} workers to start (free now: "
+                f"{free.get('CPU', 0):g} CPU, {free.get('GPU', 0):g} GPU)"
+            )
 
 
 def run_on_ray(
@@ -154,7 +196,7 @@ def run_on_ray(
     options = {"runtime_env": {"env_vars": env}} if env else {}
     actor_cls = ray.remote(num_cpus=1, num_gpus=cfg.gpus_per_worker)(ShardWorker).options(**options)
     settings = cfg.worker_settings()
-    workers = min(cfg.workers, len(todo))
+    workers = _usable_workers(min(cfg.workers, len(todo)), cfg.gpus_per_worker)
     actors = [actor_cls.remote(settings) for _ in range(workers)]
     every_actor = list(actors)  # replacements included, so all are released at the end
     queue = list(todo)
@@ -175,16 +217,17 @@ def run_on_ray(
         # Wait for every worker to load its encoders: reported apart from the steady-state run, and a
         # broken encoder set-up fails here, before any shard is started.
         try:
-            ray.get([actor.ready.remote() for actor in actors])
+            _wait_ready(actors)
         except ray.exceptions.RayActorError as err:
             raise PrecomputeError(f"workers could not start (encoder set-up failed?): {err}") from None
         report.worker_start_seconds = time.perf_counter() - run_started
+
         def replace_actors(dead: list) -> list:
             for actor in dead:
                 ray.kill(actor, no_restart=True)
             fresh = [actor_cls.remote(settings) for _ in dead]
             every_actor.extend(fresh)
-            ray.get([actor.ready.remote() for actor in fresh])
+            _wait_ready(fresh)
             return fresh
 
         rows = [row for shard in todo for row in by_shard[shard]]
@@ -193,6 +236,20 @@ def run_on_ray(
         for actor in actors:
             if queue:
                 submit(actor)
+        # The first error that stops the job stops new shards only: shards already running on other
+        # workers finish and are kept (a rerun would redo them otherwise), then the error is raised.
+        stopping: PrecomputeError | None = None
+
+        def stop(err: PrecomputeError) -> None:
+            nonlocal stopping
+            if stopping is None:
+                stopping = err
+                queue.clear()
+                if in_flight:
+                    bar.write(f"error: {err}; letting {len(in_flight)} running shard(s) finish")
+            else:
+                bar.write(f"error: {err}")
+
         while in_flight:
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             ref = ready[0]
@@ -210,28 +267,29 @@ def run_on_ray(
                 else:
                     attempts[shard] = attempts.get(shard, 0) + 1
                     if attempts[shard] > cfg.max_infra_retries:
-                        raise PrecomputeError(
-                            f"{shard}: worker failed {attempts[shard]} times; last error: {err}"
-                        ) from err
+                        stop(PrecomputeError(f"{shard}: worker failed {attempts[shard]} times; last error: {err}"))
+                        continue
                     report.infra_retries += 1
                     cause = type(err).__name__
-                bar.write(f"{shard}: worker died ({cause}); retrying on a new worker")
                 ray.kill(actor, no_restart=True)
+                if stopping is not None:
+                    continue  # the job is ending: the shard is left for the rerun
+                bar.write(f"{shard}: worker died ({cause}); retrying on a new worker")
                 actor = actor_cls.remote(settings)
                 every_actor.append(actor)
                 queue.insert(0, shard)
                 submit(actor)
                 continue
             except ray.exceptions.RayTaskError as err:
-                cause = err.cause if err.cause is not None else err
-                if isinstance(cause, TransientFault):  # nothing of the shard was written: a rerun redoes it
-                    raise PrecomputeError(f"{shard}: {cause}; nothing of the shard was written") from None
-                raise PrecomputeError(f"{shard}: {type(cause).__name__}: {cause}") from None
+                stop(PrecomputeError(_shard_error(shard, err.cause if err.cause is not None else err)))
+                continue
             add_result(report, result)
             bar.update(len(by_shard[shard]))
             bar.set_postfix(shards=f"{len(report.shards_run)}/{len(todo)}", failed=report.failed)
             if queue:
                 submit(actor)
+        if stopping is not None:
+            raise stopping
     finally:
         bar.close()
         for ref in in_flight:

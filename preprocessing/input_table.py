@@ -277,6 +277,8 @@ def _read_text(path: Path, fmt: str, text_column: str | None) -> InputTable:
 def read_input_table(path: str | Path, *, text_column: str | None = None) -> InputTable:
     """Read a TSV/CSV/Parquet clip table; raises ``ManifestError`` if it cannot be read at all."""
     path = Path(path)
+    if path.is_dir():
+        raise ManifestError(f"{path}: is a folder; --input wants a clip table (TSV, CSV or Parquet)")
     if not path.is_file():
         raise ManifestError(f"{path}: no such file")
     if path.suffix.lower() in (".parquet", ".pq"):

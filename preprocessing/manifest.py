@@ -119,7 +119,8 @@ def read_clips(
     by row; those with ``rejects`` keep their row out of the clips, ``missing_file`` ones do not.
     """
     table = read_input_table(table_path, text_column=text_column)
-    root = Path(media_root) if media_root is not None else table.path.parent
+    # a URL root stays a string: Path("http://host/media") would collapse the "//"
+    root = os.fspath(media_root) if media_root is not None else table.path.parent
     files = _FileIndex()
     collisions = Collisions()
     clips: list[ClipRow] = []
@@ -130,7 +131,7 @@ def read_clips(
             path = resolve_media_path(clip.path, root)
             # absolute and normalised, so "a.mp4", "./a.mp4" and "/media/a.mp4" are one file (symlinks
             # are not followed: that would cost a stat per row on a network file system)
-            problem = collisions.check(clip, os.path.abspath(path))
+            problem = collisions.check(clip, path if "://" in path else os.path.abspath(path))
         if problem is not None:
             problems.append(problem)
             continue

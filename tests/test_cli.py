@@ -50,6 +50,20 @@ def test_expected_errors_are_one_line_without_traceback(tmp_path, capsys):
     bad.write_text("just one cell per line\nanother\n")
     assert main(["precompute", "--input", str(bad), "--out", str(tmp_path / "data")]) == 1
     assert capsys.readouterr().err.startswith(f"error: {bad}: line 1: no 'id' column")
+    # a folder as the table, a file as the dataset folder, a table with no data rows: one line each,
+    # and no "rerun to resume" where nothing was started
+    assert main(["precompute", "--input", str(tmp_path), "--out", str(tmp_path / "data")]) == 1
+    folder_err = capsys.readouterr().err.strip()
+    assert folder_err == f"error: {tmp_path}: is a folder; --input wants a clip table (TSV, CSV or Parquet)"
+    header_only = tmp_path / "header.tsv"
+    header_only.write_text("id\tlabel\n")
+    assert main(["precompute", "--input", str(header_only), "--out", str(bad)]) == 1
+    out_err = capsys.readouterr().err.strip()
+    assert out_err == f"error: {bad}: --out is an existing file; it names the dataset folder to create or resume"
+    assert main(["precompute", "--input", str(header_only), "--out", str(tmp_path / "empty")]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {header_only}: the table has no data rows (only a header or blank lines)"
+    assert not (tmp_path / "empty").exists()  # nothing left behind
     # --debug shows the traceback instead
     from preprocessing.input_table import ManifestError
 

@@ -71,3 +71,21 @@ def test_unequal_steps_are_a_problem():
         "epoch 1: ranks got [3, 2] batches, expected 3 each",
         "epoch 1: 1 sample(s) never seen",
     ]
+
+
+def test_mixing_lines_never_contradict_each_other():
+    from training.data_check import CheckReport, mixing_lines
+
+    def lines(**counts) -> list[str]:
+        return mixing_lines(CheckReport(1, 2, 2, 3, 6, **counts))
+
+    some = lines(mixable=6, mixed=4, target_left=2, lam_sum=2.0, no_distinct_partner=2)
+    assert some == [
+        "mixing: 66.7% of samples mixed; target left 50.0% / right 50.0%; mean lambda 0.500",
+        "mixing: 2 sample(s) left unmixed: every other sample of their batch had the same prompt",
+    ]
+    assert lines(mixable=6, no_distinct_partner=6) == [
+        "mixing: 6 sample(s) left unmixed: every other sample of their batch had the same prompt"
+    ]
+    assert lines(mixable=6) == ["mixing: on, but no sample was mixed (a batch of 1 has no partner to mix with)"]
+    assert lines() == ["mixing: off"]

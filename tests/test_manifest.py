@@ -22,6 +22,7 @@ from preprocessing.manifest import (
     manifest_hash,
     read_clips,
     read_manifest,
+    resolve_media_path,
     validate,
     write_manifest,
 )
@@ -221,3 +222,16 @@ def test_vggsound_test_split_shards():
     assert problems == [] and len(rows) == 15221
     sizes = Counter(r.shard for r in rows)
     assert len(sizes) == 16 and sizes["test-000015"] == 221 and set(sizes.values()) == {1000, 221}
+
+
+@pytest.mark.parametrize("root", ["http://127.0.0.1:8702", "http://127.0.0.1:8702/media/", "s3://bucket/videos"])
+def test_a_url_media_root_is_kept_as_a_url(tmp_path, root):
+    """Files under a URL root are not checked here (the worker that opens them is), and the URL's
+    "//" survives: Path() would turn http://host into http:/host and every row into missing_file."""
+    table = _write(tmp_path / "list.tsv", "a1\ta dog barks\nb2\train on a roof\n")
+    clips, problems = read_clips(table, duration=2.0, media_root=root)
+    assert problems == [] and [c.source_id for c in clips] == ["a1", "b2"]
+    rows, _ = build_manifest(table, duration=2.0, seed=0, samples_per_shard=4, media_root=root)
+    paths = {row.path: resolve_media_path(row.path, root) for row in rows}
+    assert sorted(paths.values()) == [f"{root.rstrip('/')}/a1.mp4", f"{root.rstrip('/')}/b2.mp4"]
+    assert all(check_row(row, root) is None for row in rows)

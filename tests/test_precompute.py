@@ -302,6 +302,9 @@ def test_a_shard_over_its_failure_budget_stops_the_job_loudly(inputs, tmp_path, 
     assert main([*_args(inputs, out), "--max-failed-fraction", "0.5"]) == 1
     err = capsys.readouterr().err
     assert "inputs rejected (budget 50%)" in err and "rerun the same command to resume" in err
+    line = next(line for line in err.splitlines() if "inputs rejected" in line)
+    shard = line.split(":")[1].strip()  # error: <shard>: N of M inputs rejected ...: the shard named once
+    assert line.startswith(f"error: {shard}: ") and line.count(shard) == 1 and "Exceeded" not in line
     for marker in (out / "shards").glob("*.json"):  # what finished is complete and within budget
         shard = marker.stem
         m = read_marker(out, shard)

@@ -19,6 +19,8 @@ from fault_server import FaultServer
 from media_fixtures import make_clip
 
 from pipelines.precompute import PrecomputeConfig, PrecomputeError, run_precompute
+from preprocessing.manifest import read_manifest
+from preprocessing.prompt_store import PromptStore
 from preprocessing.shard_reader import iter_shard
 from preprocessing.shards import done_and_missing, read_failures, read_marker
 
@@ -41,7 +43,7 @@ def media(tmp_path_factory):
 
 def _cfg(table: Path, out: Path, media_root: str) -> PrecomputeConfig:
     return PrecomputeConfig(
-        str(table), str(out), media_root=media_root, samples_per_shard=2, workers=1, progress=False,
+        str(table), str(out), media_root=media_root, samples_per_shard=2, workers=2, progress=False,
         retry_delays=FAST,
     )  # fmt: skip
 
@@ -53,6 +55,10 @@ def clean_run(media, tmp_path_factory) -> Path:
     report = run_precompute(_cfg(table, out, str(table.parent / "media")))
     assert report.failed == 0 and report.read_retries == 0
     return out
+
+
+def _shard_of(dataset: Path, source_id: str) -> str:
+    return next(row.shard for row in read_manifest(dataset / "manifest.parquet") if row.source_id == source_id)
 
 
 def _assert_identical(a: Path, b: Path) -> None:
@@ -67,7 +73,13 @@ def _assert_identical(a: Path, b: Path) -> None:
         assert {**ma.__dict__, "timings": None} == {**mb.__dict__, "timings": None}
         assert read_failures(a, shard) == read_failures(b, shard)
     info_a, info_b = (json.loads((d / "dataset.json").read_text()) for d in (a, b))
+    for info in (info_a, info_b):  # the store's split into chunk files follows --workers; its content must not
+        info["prompt_store"].pop("chunks")
     assert {**info_a, "media_root": None} == {**info_b, "media_root": None}
+    store_a, store_b = PromptStore(a), PromptStore(b)
+    assert store_a.prompts() == store_b.prompts()
+    for text in store_a.prompts():
+        assert [x.tobytes() for x in store_a.get(text)] == [x.tobytes() for x in store_b.get(text)], text
     assert [p for p in b.rglob("*") if ".tmp" in p.name] == []  # no temporary or breadcrumb left
 
 
@@ -76,6 +88,7 @@ def test_storage_faults_are_retried_or_fail_the_shard_and_a_rerun_recovers(media
     out = tmp_path / "dataset"
     cfg = _cfg(table, out, server.url)
     # a store that stays down for one file: 3 attempts, then the job stops naming shard, clip and fault
+    # (the other shard, running meanwhile on the second worker, finishes and is kept)
     server.reset_first("clip_b.mp4", -1)
     with pytest.raises(PrecomputeError) as failed:
         run_precompute(cfg)
@@ -84,7 +97,8 @@ def test_storage_faults_are_retried_or_fail_the_shard_and_a_rerun_recovers(media
     assert "nothing of the shard was written" in message
     assert server.resets["clip_b.mp4"] == 3
     done, missing = done_and_missing(out)
-    assert missing, "the failed shard must stay undone, for the rerun"
+    assert missing == [_shard_of(out, "clip_b")], "the failed shard must stay undone, for the rerun"
+    assert done == [s for s in done_and_missing(clean_run)[0] if s not in missing]  # the other one is kept
     for shard in done:  # nothing anywhere says clip_b is bad data
         assert "clip_b" not in {f.source_id for f in read_failures(out, shard)}
 

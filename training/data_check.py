@@ -186,6 +186,14 @@ def format_report(report: CheckReport, source: ShardSource) -> list[str]:
     )
     pss = f"; PSS {report.peak_pss / 2**20:.1f} MiB, shared pages counted once" if report.peak_pss else ""
     lines.append(f"peak RSS: {report.peak_rss / 2**20:.1f} MiB (this process + its DataLoader workers{pss})")
+    lines += mixing_lines(report)
+    return lines
+
+
+def mixing_lines(report: CheckReport) -> list[str]:
+    """What mixing did: the share mixed and its balance, samples left unmixed for want of a partner
+    with another prompt, or why nothing was mixed."""
+    lines: list[str] = []
     if report.mixable and report.mixed:
         share = report.mixed / report.mixable
         left = report.target_left / report.mixed
@@ -199,8 +207,8 @@ def format_report(report: CheckReport, source: ShardSource) -> list[str]:
             f"mixing: {report.no_distinct_partner} sample(s) left unmixed: every other sample of their batch "
             f"had the same prompt"
         )
-    elif report.mixable:
+    if report.mixable and not report.mixed and not report.no_distinct_partner:
         lines.append("mixing: on, but no sample was mixed (a batch of 1 has no partner to mix with)")
-    else:
+    elif not report.mixable:
         lines.append("mixing: off")
     return lines

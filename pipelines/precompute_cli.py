@@ -7,7 +7,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipelines.precompute import PrecomputeConfig, PrecomputeError, PrecomputeReport, as_params, config_from_args
+from pipelines.precompute import (
+    PrecomputeConfig,
+    PrecomputeError,
+    PrecomputeReport,
+    as_params,
+    config_from_args,
+    resolved,
+)
 from preprocessing.shards import DATASET_JSON
 from training.tracking import Tracker, TrackingConfig, default_uri
 
@@ -90,7 +97,11 @@ def run(args: argparse.Namespace) -> int:
 
 def start_tracking(cfg: PrecomputeConfig) -> Tracker:
     """Start the MLflow run now (params); nothing here waits for the tracking server."""
-    tracker = Tracker(TrackingConfig(uri=default_uri(cfg.out)))
+    cfg = resolved(cfg)  # params as the job used them: absolute paths, not the shell's relative ones
+    uri = default_uri(cfg.out)
+    # with the default sqlite store in the dataset folder, artifacts go beside it, not to ./mlruns
+    artifacts = (Path(cfg.out) / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+    tracker = Tracker(TrackingConfig(uri=uri, artifact_location=artifacts))
     tracker.start_run(EXPERIMENT, f"precompute {Path(cfg.out).name}", params=as_params(cfg))
     return tracker
 

@@ -8,7 +8,8 @@ rejected. A folder holding ``dataset.json`` is a dataset: its summary (shards do
 failures by reason) is printed.
 
 Exit status 0 whenever every path got an answer, whatever the verdicts; 1 if some path could not be
-inspected at all (an unexpected error), 2 for bad options.
+inspected at all (it does not exist, it is a folder but no dataset, or an unexpected error), so a
+mistyped path fails a script; 2 for bad options.
 """
 
 from __future__ import annotations
@@ -139,4 +140,5 @@ def run(args: argparse.Namespace, out: Out = print) -> int:
     summary = ", ".join(f"{reason} {n}" for reason, n in sorted(verdicts.items(), key=lambda kv: (-kv[1], kv[0])))
     failed = f", {unanswered} not inspected" if unanswered else ""
     out(f"{len(args.paths)} paths: {summary or 'none answered'}{failed}")
-    return 1 if unanswered else 0
+    # a path that is not there is no answer about a clip (its verdict, missing_file, is printed all the same)
+    return 1 if unanswered or verdicts["missing_file"] else 0

@@ -56,7 +56,7 @@ def test_inspect_shows_each_verdict_and_exits_zero(tmp_path: Path) -> None:
         tmp_path / "missing.mp4": "missing_file",
     }
     code, lines = run([str(p) for p in expected])
-    assert code == 0
+    assert code == 1  # missing.mp4: a path that is not there fails the command, after every verdict
     for path, reason in expected.items():
         line = verdict_for(lines, path)
         assert line.startswith(f"  result: {reason}"), line
@@ -124,7 +124,7 @@ def test_folder_with_dataset_json_is_summarised_as_a_dataset(tmp_path: Path, mon
     plain = tmp_path / "plain"
     plain.mkdir()
     code, lines = run([str(dataset), str(plain)])
-    assert code == 0 and calls == [dataset]
+    assert code == 1 and calls == [dataset]  # 1: the plain folder is neither a clip nor a dataset
     assert f"dataset {dataset}" in lines
     assert verdict_for(lines, plain).startswith("  result: missing_file")  # a folder is not a clip
 

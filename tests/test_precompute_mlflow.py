@@ -39,6 +39,10 @@ def test_precompute_run_is_logged_to_sqlite(tmp_path):
     assert run.data.params["workers"] == "2"
     assert run.data.metrics["clips_ok"] == 7 and run.data.metrics["failed_silent"] == 2
     assert run.data.metrics["time_decode_s"] == 1.5 and run.data.metrics["shards_written"] == 1
+    # paths as the job used them, and the artifacts beside the store, not in the shell's ./mlruns
+    assert run.data.params["input"] == os.path.abspath("clips.tsv")
+    assert run.data.params["out"] == str(tmp_path / "dataset")
+    assert run.info.artifact_uri.startswith((tmp_path / "dataset" / "mlartifacts").as_uri())
 
 
 def test_a_dead_server_is_one_warning_and_one_count(tmp_path, capsys):

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             samples_per_epoch=args.samples_per_epoch,
         )
     except ShardError as exc:
-        print(f"selva data check: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     cfg = LoaderConfig(
         batch_size=args.batch, num_workers=args.workers, shuffle_buffer=args.shuffle_buffer, seed=args.seed

@@ -63,6 +63,9 @@ class TrackingConfig:
     request_timeout_s: int = 5  # MLflow parses the variable as an int
     max_retries: int = 1
     retry_after_s: float = 60.0  # how long the circuit stays open after a failed call
+    # where an experiment this tracker creates keeps its artifacts (None: the store's default, which for
+    # a local sqlite store is ./mlruns under whatever directory the job ran in)
+    artifact_location: str | None = None
 
 
 def default_uri(dataset_dir: str | Path) -> str:
@@ -309,7 +312,7 @@ class Tracker:
             experiment_id = experiment.experiment_id
         else:
             try:
-                experiment_id = client.create_experiment(spec.experiment)
+                experiment_id = client.create_experiment(spec.experiment, self.config.artifact_location)
             except MlflowException:  # another process created it first
                 found = client.get_experiment_by_name(spec.experiment)
                 if found is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -149,7 +150,20 @@ def _init_ray(cfg: PrecomputeConfig) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)  # a cluster: RAY_ADDRESS or `ray job submit` decides where
+        # a cluster: RAY_ADDRESS or `ray job submit` decides where. Ray keeps retrying an address that
+        # does not answer, for minutes and without a word: say what it is waiting for meanwhile.
+        connected = threading.Event()
+
+        def notice() -> None:
+            while not connected.wait(30.0):
+                print(f"still connecting to the Ray cluster at RAY_ADDRESS={os.environ['RAY_ADDRESS']} "
+                      f"(is it up, and is the address right?)", flush=True)  # fmt: skip
+
+        threading.Thread(target=notice, name="ray-connect-notice", daemon=True).start()
+        try:
+            ray.init(log_to_driver=True)
+        finally:
+            connected.set()
     else:
         # the embedded default: a private local Ray with exactly the requested CPUs
         ray.init(num_cpus=cfg.workers, include_dashboard=False, log_to_driver=True, logging_level="WARNING")

@@ -403,3 +403,26 @@ def test_clip_folder_without_config_uses_the_official_architecture(weights_dir, 
     )
     with pytest.raises(ValueError, match="expects 77 x 64"):
         build_text_encoders("official", TINY, tmp_path)
+
+
+def test_find_files_names_the_folder_and_the_missing_role(tmp_path):
+    from selva.text.base import find_files
+
+    wanted = {"config": ("config.json",), "weights": ("a.safetensors", "a.bin")}
+    with pytest.raises(FileNotFoundError) as gone:
+        find_files(tmp_path / "t5", "FLAN-T5", "a copy of X", wanted)
+    assert str(gone.value) == (
+        f"FLAN-T5 folder {tmp_path / 't5'} does not exist; it should hold a copy of X: "
+        "config (config.json), weights (a.safetensors or a.bin)"
+    )
+    (tmp_path / "t5").mkdir()
+    (tmp_path / "t5" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError) as lacking:
+        find_files(tmp_path / "t5", "FLAN-T5", "a copy of X", wanted)
+    folder = tmp_path / "t5"
+    expected = f"FLAN-T5 folder {folder} has no weights: expected a.safetensors or a.bin (a copy of X)"
+    assert str(lacking.value) == expected
+    (tmp_path / "t5" / "a.bin").write_bytes(b"")
+    assert find_files(tmp_path / "t5", "FLAN-T5", "x", wanted) == {
+        "config": tmp_path / "t5" / "config.json", "weights": tmp_path / "t5" / "a.bin"
+    }

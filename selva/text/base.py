@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -74,6 +75,29 @@ def freeze(module: nn.Module) -> nn.Module:
     module.eval()
     module.requires_grad_(False)
     return module
+
+
+def find_files(folder: str | Path, what: str, hint: str, wanted: dict[str, tuple[str, ...]]) -> dict[str, Path]:
+    """For each role of ``wanted`` (role -> acceptable file names, first found wins) the file in
+    ``folder``; a FileNotFoundError naming the folder, the missing role and what would do.
+
+    ``what`` names the folder for people ("FLAN-T5"), ``hint`` says where its files come from.
+    """
+    folder = Path(folder)
+
+    def options(names: tuple[str, ...]) -> str:
+        return " or ".join(names)
+
+    if not folder.is_dir():
+        listing = ", ".join(f"{role} ({options(names)})" for role, names in wanted.items())
+        raise FileNotFoundError(f"{what} folder {folder} does not exist; it should hold {hint}: {listing}")
+    found = {}
+    for role, names in wanted.items():
+        path = next((folder / name for name in names if (folder / name).is_file()), None)
+        if path is None:
+            raise FileNotFoundError(f"{what} folder {folder} has no {role}: expected {options(names)} ({hint})")
+        found[role] = path
+    return found
 
 
 def module_device(module: nn.Module) -> torch.device:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selva.text.base import TextEncoder, TextFeatures, freeze
+from selva.text.base import TextEncoder, TextFeatures, find_files, freeze
 
 CLIP_CONFIG_FILE = "open_clip_config.json"
 CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -32,18 +32,10 @@ _NON_TEXT_PREFIXES = ("visual.", "logit_scale", "logit_bias")
 
 
 def find_clip_weights(folder: str | Path) -> Path:
-    """The open_clip weights file in ``folder``, or a FileNotFoundError naming what is expected."""
-    folder = Path(folder)
+    """The open_clip weights file in ``folder``, or a FileNotFoundError naming what is expected
+    (the config file is optional: a built-in open_clip name can stand in for it)."""
     hint = "a local copy of apple/DFN5B-CLIP-ViT-H-14-384"
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"CLIP folder {folder} does not exist; it should hold {hint}: "
-            f"{' or '.join(CLIP_WEIGHT_FILES)} (and optionally {CLIP_CONFIG_FILE})"
-        )
-    for name in CLIP_WEIGHT_FILES:
-        if (folder / name).is_file():
-            return folder / name
-    raise FileNotFoundError(f"CLIP folder {folder} has no weights: expected {' or '.join(CLIP_WEIGHT_FILES)} ({hint})")
+    return find_files(folder, "CLIP", hint, {"weights": CLIP_WEIGHT_FILES})["weights"]
 
 
 def load_clip_config(config: str | Path) -> dict[str, Any]:

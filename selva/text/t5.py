@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from selva.text.base import TextEncoder, TextFeatures, freeze
+from selva.text.base import TextEncoder, TextFeatures, find_files, freeze
 
 T5_CONFIG_FILE = "config.json"
 T5_WEIGHT_FILES = (
@@ -34,25 +34,9 @@ DEFAULT_T5_MAX_LENGTH = 77
 
 def check_t5_folder(folder: str | Path) -> Path:
     """``folder`` as a Path, or a FileNotFoundError naming the folder and the file it lacks."""
-    folder = Path(folder)
-    hint = "a local copy of google/flan-t5-base"
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"FLAN-T5 folder {folder} does not exist; it should hold {hint}: "
-            f"{T5_CONFIG_FILE}, the weights ({' or '.join(T5_WEIGHT_FILES)}) and the tokenizer "
-            f"({' or '.join(T5_TOKENIZER_FILES)})"
-        )
-    if not (folder / T5_CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"FLAN-T5 folder {folder} has no {T5_CONFIG_FILE} ({hint})")
-    if not any((folder / name).is_file() for name in T5_WEIGHT_FILES):
-        raise FileNotFoundError(
-            f"FLAN-T5 folder {folder} has no weights: expected one of {', '.join(T5_WEIGHT_FILES)} ({hint})"
-        )
-    if not any((folder / name).is_file() for name in T5_TOKENIZER_FILES):
-        raise FileNotFoundError(
-            f"FLAN-T5 folder {folder} has no tokenizer: expected {' or '.join(T5_TOKENIZER_FILES)} ({hint})"
-        )
-    return folder
+    wanted = {"config": (T5_CONFIG_FILE,), "weights": T5_WEIGHT_FILES, "tokenizer": T5_TOKENIZER_FILES}
+    find_files(folder, "FLAN-T5", "a local copy of google/flan-t5-base", wanted)
+    return Path(folder)
 
 
 def t5_width(folder: str | Path) -> int:

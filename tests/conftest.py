@@ -43,8 +43,5 @@ def pytest_terminal_summary(terminalreporter) -> None:
 def reference_dir() -> Path:
     """The official reference-vector directory; tests that need it skip when it is absent."""
     path = shared_dir() / "reference"
-    if not (path / "cases.json").is_file():
-        if os.environ.get("CI"):  # CI always has ../shared: a missing folder is a broken set-up, not a skip
-            pytest.fail(f"reference vectors not found at {path}")
-        pytest.skip(f"reference vectors not found at {path} (set SELVA_SHARED to the shared folder)")
+    require_shared(path / "cases.json", "the reference vectors")  # fails under CI, else skips
     return path

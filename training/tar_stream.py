@@ -125,15 +125,16 @@ def _open_tar(url: str, stall_s: float = READ_STALL_S) -> Iterator[tarfile.TarFi
         return
     import webdataset as wds
 
+    source = url
     if url.startswith(("http://", "https://")):
-        url = "pipe:" + shlex.join(_curl_command(url, stall_s))
+        source = "pipe:" + shlex.join(_curl_command(url, stall_s))
     try:
         # TarFile does not close a stream it was handed: close it here, so a pipe's process is reaped
         # (and its exit status checked) now rather than whenever the garbage collector runs
-        with contextlib.closing(wds.gopen(url, "rb")) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        with contextlib.closing(wds.gopen(source, "rb")) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             yield tar
     except OSError as err:
-        raise _readable(err) from err
+        raise _readable(err, url) from err
 
 
 def _curl_command(url: str, stall_s: float) -> list[str]:
@@ -144,15 +145,14 @@ def _curl_command(url: str, stall_s: float) -> list[str]:
             "--speed-limit", "1", "--speed-time", stall, url]  # fmt: skip
 
 
-def _readable(err: OSError) -> OSError:
-    """WebDataset reports a pipe's failure as ``((args,), {kwargs}): exit N (read) {}``: say what N means."""
+def _readable(err: OSError, url: str) -> OSError:
+    """WebDataset reports a pipe's failure as ``((args,), {kwargs}): exit N (read) {}``: name the shard
+    and say what curl's N means."""
     found = re.search(r"exit (\d+)", str(err)) if err.errno is None else None
     if found is None:
         return err
     code = int(found.group(1))
-    command = err.args[0] if err.args else ""
-    url = re.findall(r"'((?:https?|s3|gs)://[^']+)'", str(command)) or ["the shard"]
-    return OSError(f"{url[-1]}: curl exit {code}: {CURL_EXITS.get(code, 'see curl(1), EXIT CODES')}")
+    return OSError(f"{url}: curl exit {code}: {CURL_EXITS.get(code, 'see curl(1), EXIT CODES')}")
 
 
 def _expected_keys(shard: ShardEntry) -> list[str] | None:

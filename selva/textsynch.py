@@ -165,6 +165,21 @@ class TextSynch(nn.Module):
         out = torch.cat(outputs, dim=0)
         return out.reshape(b, s * out.shape[1], out.shape[2])
 
+    def encode_video_without_text(self, video: torch.Tensor, *, clips_per_chunk: int | None = None) -> torch.Tensor:
+        """Video (B, T, 3, H, W) in [-1, 1] -> (B, S*8, D) with the cross blocks skipped: Synchformer's
+        own features (backbone tokens -> spatial CLS pooling). What MMAudio conditions on, so it is the
+        "no text in the video encoder" ablation and the ``pretrain`` stage's path."""
+        b = video.shape[0]
+        segs = self.segment(video)
+        clips = segs.reshape(b * segs.shape[1], *segs.shape[2:])
+        chunk = clips_per_chunk or b
+        pooled = [
+            self.vfeat_extractor.aggregate(self.vfeat_extractor.forward_tokens(clips[i : i + chunk]))
+            for i in range(0, clips.shape[0], chunk)
+        ]
+        out = torch.cat(pooled, dim=0)
+        return out.reshape(b, segs.shape[1] * out.shape[1], out.shape[2])
+
     def forward(self, video: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, **kwargs) -> torch.Tensor:
         """Video + raw T5 features/mask -> sync features; prepends the [SUP] tokens first."""
         text, mask = self.prepend_sup_text_tokens(text, mask)

@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optional(subparsers, "preprocessing.inspect_cli")
     _add_optional(subparsers, "pipelines.precompute_cli")
     _add_optional(subparsers, "training.data_check_cli")
+    _add_optional(subparsers, "training.train_cli")
     _add_presets(subparsers)
     _add_optional(subparsers, "pipelines.demo")
     return parser

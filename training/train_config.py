@@ -62,9 +62,12 @@ class OptimConfig:
 
 @dataclass
 class MixingConfig:
-    """Online self-augmentation (DESIGN §5); ``enabled: false`` is the no-mixing ablation."""
+    """Online self-augmentation (DESIGN §5); ``enabled: false`` is the no-mixing ablation.
 
-    enabled: bool = True
+    ``enabled`` unset resolves to on for stages ``encoder``/``generator`` and off for ``pretrain``
+    (single-source clips, as Synchformer and MMAudio pre-train); the resolved config shows the value."""
+
+    enabled: bool | None = None
     prob: float = 0.5
     alpha: float = 1.0
     constant_lambda: float | None = None
@@ -160,7 +163,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     """``value`` as type ``tp`` (str/int/float/bool, tuples, lists of dataclasses, optionals), or ConfigError."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    bad = ConfigError(f"{key}: {value!r} is not a {_describe(tp)} ({source})")
+    bad = ConfigError(f"{key}: {value!r} is not of type {_describe(tp)} ({source})")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -283,6 +286,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     for text in overrides:
         key, value = parse_override(text)
         cfg = _build(TrainConfig, _nest(key, value), "", f"override {text!r}", cfg)
+    if cfg.mixing.enabled is None:
+        cfg.mixing.enabled = cfg.stage != "pretrain"
     validate(cfg)
     return cfg
 

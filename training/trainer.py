@@ -1,0 +1,296 @@
+"""The training loop: one :class:`Trainer` per process, all ranks in lock step.
+
+Per optimizer step: ``grad_accum`` micro-batches (forward = the loss inside DeepSpeed's engine,
+backward, ``engine.step()``), then one small all-reduce that carries the loss sums and two flags —
+"a stop signal arrived here" and "stop after this step" — so every rank takes the same decisions at
+the same step (no rank waits at a collective the others skipped). Then the EMA update (only when the
+step was applied), metrics (rank 0, through the non-blocking tracker), a checkpoint when due or when
+SIGTERM/SIGUSR1 arrived (Slurm's pre-emption signals), validation when due.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from selva.mixing import MixConfig
+from training import checkpoints as ck
+from training.engine import World, build_engine, deepspeed_config, lr_at, set_lr, use_bf16
+from training.objective import SelvaObjective, TrainedParameters, set_stage_trainable
+from training.train_config import TrainConfig, config_hash, resume_fingerprint, to_dict
+from training.train_data import build_batches, dataset_fingerprint
+from training.train_models import build_models, ema_module
+
+# test hook: "STEP:RANK" makes that rank's loss NaN at that step (tests/test_train_faults.py)
+NAN_FAULT_ENV = "SELVA_FAULT_NAN_STEP"
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (too many non-finite steps); the last good checkpoint is kept."""
+
+
+@dataclass
+class StepStats:
+    """Running totals between two log lines (rank 0's view of the all-reduced values)."""
+
+    loss_sum: float = 0.0
+    samples: int = 0
+    steps: int = 0
+    data_wait_s: float = 0.0
+    step_s: float = 0.0
+    batches: int = 0
+    grad_norms: list[float] = field(default_factory=list)
+    mix: dict[str, float] = field(default_factory=dict)  # sums over batches
+
+    def reset(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, world: World, *, batches: Any = None, tracker: Any = None):
+        """``batches``: an iterator of batches to use instead of the datasets' loaders (tests of the
+        engine feed fixed batches this way); ``tracker``: a started :class:`training.tracking.Tracker`
+        (rank 0) or None."""
+        self.cfg, self.world = cfg, world
+        self.out = Path(cfg.out)
+        self.ckpt_root = self.out / "checkpoints"
+        self.tracker = tracker
+        torch.manual_seed(cfg.seed)  # the same fresh initialisation on every rank
+        self.models = build_models(cfg)
+        ts, gen = self.models.textsynch.to(world.device), self.models.generator.to(world.device)
+        self.named = set_stage_trainable(ts, gen, cfg.stage)
+        self.objective = SelvaObjective(ts, gen, stage=cfg.stage, text_in_encoder=cfg.text_in_encoder,
+                                        cfg_dropout=cfg.cfg_dropout, seed=cfg.seed)
+        self.trained = TrainedParameters(self.named, self.objective)
+        self.engine, self.optimizer = build_engine(cfg, world, self.trained)
+        self.bf16 = use_bf16(cfg, world.device)
+        mixing = bool(cfg.mixing.enabled)
+        mix = MixConfig(prob=cfg.mixing.prob if mixing else 0.0, alpha=cfg.mixing.alpha,
+                        constant_lambda=cfg.mixing.constant_lambda, min_lambda=cfg.mixing.min_lambda, seed=cfg.seed)
+        self.batches = batches if batches is not None else build_batches(
+            cfg, rank=world.rank, world_size=world.world_size, device=world.device, mix=mix)
+        # rank 0 only: ZeRO-1/2 keeps identical full weights on every rank, and the snapshot folder is shared
+        self.ema = (ema_module(cfg, self.models, [n for n, _ in self.named], self.out / "ema_snapshots")
+                    if cfg.ema.enabled and world.is_main else None)
+        self.step = 0  # optimizer steps done
+        self.skipped = 0
+        self.bad_in_row = 0
+        self.run_id: str | None = None
+        self.config_hash = config_hash(cfg)
+        self.dataset_fp = dataset_fingerprint(cfg) if batches is None else "fixed-batches"
+        self.stop_requested = False
+        self.losses: list[float] = []  # per-step mean loss over all ranks (what tests compare)
+        self.stats = StepStats()
+
+    # ------------------------------------------------------------------------------ signals
+    def install_signal_handlers(self) -> None:
+        def request_stop(signum, frame):  # noqa: ARG001 - signal handler signature
+            self.stop_requested = True
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, request_stop)
+
+    # ------------------------------------------------------------------------------ one step
+    def _nan_fault(self) -> bool:
+        spec = os.environ.get(NAN_FAULT_ENV, "")
+        if not spec:
+            return False
+        step, rank = (int(x) for x in spec.split(":"))
+        return step == self.step and rank == self.world.rank
+
+    def train_step(self) -> tuple[float, bool]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns (this rank's mean loss, applied)."""
+        losses = []
+        for micro in range(self.cfg.grad_accum):
+            t0 = time.perf_counter()
+            batch = next(self.batches)
+            self.stats.data_wait_s += time.perf_counter() - t0
+            micro_step = self.step * self.cfg.grad_accum + micro
+            loss, per_sample, _ = self.engine(batch, micro_step)
+            if self._nan_fault():
+                loss = loss * float("nan")
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(float(loss.detach()))
+            self.stats.samples += len(per_sample)
+            self.stats.batches += 1
+            if "mix" in batch:
+                for k, v in batch["mix"].stats().items():
+                    self.stats.mix[k] = self.stats.mix.get(k, 0.0) + v
+        return sum(losses) / len(losses), self.engine.was_step_applied()
+
+    def _agree(self, loss: float, stop_after: bool) -> tuple[float, bool, bool]:
+        """All-reduce (loss sum, finite count, stop signal, stop-after) so every rank decides alike."""
+        finite = loss == loss and abs(loss) != float("inf")
+        t = torch.tensor([loss if finite else 0.0, float(finite), float(self.stop_requested), float(stop_after)],
+                         dtype=torch.float64)
+        dist.all_reduce(t)
+        n = int(t[1])
+        mean = float(t[0]) / n if n else float("nan")
+        return mean, bool(t[2] > 0), bool(t[3] > 0)
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        folder = self.ckpt_root / ck.tag(self.step)
+        if self.world.is_main:
+            if folder.exists():  # a folder left by a save that was killed: start it afresh
+                import shutil
+
+                shutil.rmtree(folder)
+            self.ckpt_root.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        self.engine.save_checkpoint(str(self.ckpt_root), tag=folder.name, save_latest=False)
+        state = {
+            "step": self.step, "skipped": self.skipped, "bad_in_row": self.bad_in_row,
+            "loader": self.batches.state_dict() if hasattr(self.batches, "state_dict") else None,
+            "rng": ck.rng_state(), "losses": self.losses,
+        }
+        ck.write_json_atomic(ck.rank_file(folder, self.world.rank), state)
+        if self.world.is_main and self.ema is not None:
+            self.ema.save(folder / "ema.pt")
+        dist.barrier()  # every rank's files are on disk: now the marker
+        if self.world.is_main:
+            marker = {
+                "step": self.step, "world_size": self.world.world_size, "config_hash": self.config_hash,
+                "config": resume_fingerprint(self.cfg), "dataset": self.dataset_fp, "run_id": self.run_id,
+                "time": time.time(),
+            }
+            ck.write_json_atomic(folder / ck.MARKER, marker)
+            ck.clean_incomplete(self.ckpt_root, self.cfg.keep_checkpoints)
+        dist.barrier()
+        return folder
+
+    def find_resume(self) -> ck.Found | None:
+        """Rank 0 picks the checkpoint (or the refusal) and every rank gets the same answer."""
+        answer: list[Any] = [None]
+        if self.world.is_main:
+            try:
+                answer[0] = self._pick_checkpoint()
+            except ck.ResumeError as err:
+                answer[0] = err
+        dist.broadcast_object_list(answer, src=0)
+        if isinstance(answer[0], BaseException):
+            raise answer[0]
+        return answer[0]
+
+    def _pick_checkpoint(self) -> ck.Found | None:
+        resume = self.cfg.resume
+        if resume == "never":
+            return None
+        if resume == "auto":
+            found = ck.complete_checkpoints(self.ckpt_root)
+            if not found:
+                return None
+            chosen = found[-1]
+        else:
+            folder = Path(resume)
+            if not (folder / ck.MARKER).is_file():
+                raise ck.ResumeError(f"resume={resume}: not a complete checkpoint (no {ck.MARKER})")
+            chosen = next(f for f in ck.complete_checkpoints(folder.parent) if f.folder == folder)
+        ck.check_resumable(chosen, world_size=self.world.world_size, config_hash=self.config_hash,
+                           config=resume_fingerprint(self.cfg), dataset_fingerprint=self.dataset_fp)
+        return chosen
+
+    def load_checkpoint(self, found: ck.Found) -> None:
+        self.engine.load_checkpoint(str(found.folder.parent), tag=found.folder.name, load_module_strict=True,
+                                    load_optimizer_states=True, load_lr_scheduler_states=False)
+        state = ck.json.loads(ck.rank_file(found.folder, self.world.rank).read_text())
+        self.step, self.skipped, self.bad_in_row = state["step"], state["skipped"], state["bad_in_row"]
+        self.losses = list(state["losses"])
+        if state["loader"] is not None and hasattr(self.batches, "load_state_dict"):
+            self.batches.load_state_dict(state["loader"])
+        ck.set_rng_state(state["rng"])
+        if self.ema is not None:
+            self.ema.load(found.folder / "ema.pt", step=self.step)
+        self.run_id = found.marker.get("run_id")
+
+    # ------------------------------------------------------------------------------ the loop
+    def run(self, *, on_step=None, on_log=None) -> dict[str, Any]:
+        """Train to ``cfg.steps``; returns the end-of-run summary. Raises TrainingStopped after
+        ``max_bad_steps`` non-finite steps in a row (the last good checkpoint stays)."""
+        cfg = self.cfg
+        t_start, step_start = time.perf_counter(), self.step
+        while self.step < cfg.steps:
+            set_lr(self.optimizer, lr_at(cfg, self.step))
+            t0 = time.perf_counter()
+            local_loss, applied = self.train_step()
+            self.stats.step_s += time.perf_counter() - t0
+            loss, stop_signal, _ = self._agree(local_loss, False)
+            if applied:
+                self.bad_in_row = 0
+                if self.ema is not None:
+                    self.ema.update(self.step + 1)
+            else:
+                self.skipped += 1
+                self.bad_in_row += 1
+            self.losses.append(loss)
+            self.step += 1
+            if on_step is not None:
+                on_step(self.step, loss)
+            if applied and loss == loss:
+                self.stats.loss_sum += loss
+                self.stats.steps += 1
+            norm = self.engine.get_global_grad_norm()
+            if norm is not None and applied:
+                self.stats.grad_norms.append(float(norm))
+            if self.bad_in_row >= cfg.max_bad_steps:
+                raise TrainingStopped(
+                    f"{self.bad_in_row} steps in a row had a non-finite loss or gradient (last at step {self.step}); "
+                    f"stopped. The last good checkpoint is under {self.ckpt_root}")
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                self.log_metrics(on_log)
+            due = self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps
+            if due or stop_signal:
+                self.save_checkpoint()
+            if stop_signal:
+                if self.world.is_main:
+                    print(f"stop signal: checkpoint at step {self.step} written; resume with resume=auto",
+                          file=sys.stderr, flush=True)
+                return {"stopped_at": self.step, "signal": True}
+        elapsed = time.perf_counter() - t_start
+        return {"steps": self.step - step_start, "elapsed_s": elapsed, "skipped": self.skipped,
+                "final_loss": self.losses[-1] if self.losses else float("nan")}
+
+    def log_metrics(self, on_log=None) -> None:
+        s = self.stats
+        metrics = {
+            "train/loss": s.loss_sum / max(1, s.steps),
+            "train/lr": lr_at(self.cfg, self.step - 1),
+            "train/samples_per_s": s.samples * self.world.world_size / max(s.step_s, 1e-9),
+            "train/step_time_s": s.step_s / max(1, self.cfg.log_every),
+            "train/data_wait_share": s.data_wait_s / max(s.step_s, 1e-9),
+            "train/skipped_steps": float(self.skipped),
+        }
+        if s.grad_norms:
+            metrics["train/grad_norm"] = sum(s.grad_norms) / len(s.grad_norms)
+        metrics.update({k: v / max(1, s.batches) for k, v in s.mix.items()})
+        errors = getattr(self.batches, "error_counts", {}) or {}
+        metrics["data/skipped_samples"] = float(errors.get("sample", 0) + errors.get("shard", 0))
+        if torch.cuda.is_available():
+            metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        if self.tracker is not None:
+            self.tracker.log_metrics(metrics, step=self.step)
+        if on_log is not None:
+            on_log(self.step, metrics)
+        s.reset()
+
+    def export(self) -> Path:
+        """Rank 0: ``out/final/`` with the EMA weights of the trained modules (training/export.py)."""
+        from training.export import export_final
+
+        ema = self.ema.export_weights() if self.ema is not None else None
+        export_final(self.out, textsynch=self.models.textsynch, generator=self.models.generator,
+                     preset_name=self.cfg.preset, config=to_dict(self.cfg), ema_weights=ema)
+        return self.out / "final"
+
+    def resolved(self) -> dict[str, Any]:
+        return {"config": to_dict(self.cfg), "deepspeed": deepspeed_config(self.cfg, self.world),
+                "bf16_autocast": self.bf16}

@@ -1,8 +1,10 @@
 """Experiment tracking that never blocks the job: MLflow calls run on one background thread.
 
 The job's thread only puts events on a bounded queue (:class:`Tracker`'s ``start_run``,
-``log_metrics``, ``log_params``, ``set_tags``, ``close``); a daemon thread owns the
-``MlflowClient``, creates the run lazily and sends what has piled up as ``log_batch`` calls.
+``log_metrics``, ``log_params``, ``set_tags``, ``log_artifact``, ``log_input``, ``close``); a daemon
+thread owns the ``MlflowClient`` (:mod:`training.tracking_client`), creates the run lazily (or
+continues one, for a job resumed from a checkpoint) and sends what has piled up as ``log_batch``
+calls. The job learns the run's id from ``run_id`` / ``wait_run_id``, never by asking MLflow itself.
 A tracking server that is down, slow or silent therefore costs the job nothing but the values
 that could not be sent, which are counted and reported by ``close(deadline_s)``.
 
@@ -38,14 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from training.tracking_client import DatasetSpec, ParamChange, RunClient
+
 # MLflow's own names; the values are ours and apply only where the environment has none
 TIMEOUT_ENV = "MLFLOW_HTTP_REQUEST_TIMEOUT"
 RETRIES_ENV = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
 
-# log_batch limits of the MLflow REST API, per request
-_MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100
-
-_START = "start"
+_START = ("start", None)
 _CLOSE = "close"
 
 
@@ -76,8 +77,9 @@ def default_uri(dataset_dir: str | Path) -> str:
 @dataclass(frozen=True)
 class TrackingSummary:
     """What :meth:`Tracker.close` could confirm by its deadline. Values are single metric values,
-    params and tags; ``dropped`` is every value not confirmed sent (queue overflow, a failed or
-    skipped call, or still pending when the deadline came)."""
+    params, tags, dataset inputs and artifact files; ``dropped`` is every value not confirmed sent
+    (queue overflow, a failed or skipped call, a param whose value changed, or still pending when
+    the deadline came)."""
 
     uri: str
     sent: int
@@ -102,7 +104,8 @@ class _RunSpec:
     run_name: str
     params: dict[str, str]
     tags: dict[str, str]
-    run_id: str | None = None
+    resume_id: str | None  # the run to continue, else None: create one
+    run_id: str | None = None  # set by the thread, under the tracker's lock
 
 
 @dataclass
@@ -110,10 +113,9 @@ class _Batch:
     metrics: list[tuple[str, float, int, int]] = field(default_factory=list)  # key, value, ms, step
     params: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    inputs: list[DatasetSpec] = field(default_factory=list)
+    artifacts: list[tuple[str, str | None, int]] = field(default_factory=list)  # path, artifact_path, files
     close_status: str | None = None
-
-    def size(self) -> int:
-        return len(self.metrics) + len(self.params) + len(self.tags)
 
 
 def _one_line(err: BaseException, limit: int = 200) -> str:
@@ -140,21 +142,25 @@ def _root_cause(err: BaseException) -> BaseException:
 
 class Tracker:
     """One MLflow run, logged from a background thread. Every public method returns at once
-    (``close`` after at most its deadline) and never raises for a tracking failure."""
+    (``close`` and ``wait_run_id`` after at most their timeout) and never raises for a tracking
+    failure; the errors they do raise are the caller's mistakes, named in each docstring."""
 
     def __init__(self, config: TrackingConfig) -> None:
         self.config = config
         self._queue: queue.Queue = queue.Queue(maxsize=config.queue_size)
-        self._lock = threading.Lock()  # guards the counters, the flags and every put
+        self._lock = threading.Lock()  # guards the counters, the flags, the run id and every put
         self._spec: _RunSpec | None = None
         self._submitted = 0
         self._sent = 0
         self._error: str | None = None
-        self._warned = False
+        # one warning line per kind: "failure" (the server, or the queue it backs up), "params" and
+        # "artifact" (the caller's own doing: a changed param, a file gone before its upload)
+        self._warned: set[str] = set()
         self._closed = False  # close() has begun: no more events are accepted, nothing is printed
         self._abandoned = False  # close() has returned: the worker sends nothing more
         self._open_until = 0.0  # monotonic time until which calls are skipped (circuit open)
         self._done = threading.Event()
+        self._run_known = threading.Event()  # the run's id is known, or never will be (thread over)
         #: set once a call has failed (after the warning, if one was printed): a health signal
         self.failed = threading.Event()
         self._thread: threading.Thread | None = None
@@ -163,13 +169,19 @@ class Tracker:
     # ---- the job's side: enqueue only -------------------------------------------------------
 
     def start_run(self, experiment: str, run_name: str, params: dict[str, Any] | None = None,
-                  tags: dict[str, Any] | None = None) -> None:
-        """Name the run and start the background thread; the run is created there, lazily."""
+                  tags: dict[str, Any] | None = None, run_id: str | None = None) -> None:
+        """Name the run and start the background thread; the run is created there, lazily.
+
+        With ``run_id``, that existing run is continued instead (its status goes back to RUNNING;
+        ``experiment`` and ``run_name`` are then unused). Params it already holds with the same
+        value count as sent; one it holds with another value is not logged (MLflow refuses the
+        change), counts as dropped and is named in one warning line.
+        Raises RuntimeError when called twice."""
         with self._lock:
             if self._spec is not None:
                 raise RuntimeError("a Tracker logs one run; start_run was already called")
             self._spec = _RunSpec(experiment, run_name, {k: str(v) for k, v in (params or {}).items()},
-                                  {k: str(v) for k, v in (tags or {}).items()})
+                                  {k: str(v) for k, v in (tags or {}).items()}, run_id)
             self._submitted += len(self._spec.params) + len(self._spec.tags)
         for name, value in ((TIMEOUT_ENV, self.config.request_timeout_s), (RETRIES_ENV, self.config.max_retries)):
             os.environ.setdefault(name, str(value))
@@ -177,18 +189,66 @@ class Tracker:
         self._thread.start()
         self._put(_START, 0)
 
+    @property
+    def run_id(self) -> str | None:
+        """The run's id once the background thread has created (or continued) it, else None."""
+        with self._lock:
+            return self._spec.run_id if self._spec else None
+
+    def wait_run_id(self, timeout_s: float) -> str | None:
+        """The run's id, waiting at most ``timeout_s`` seconds for the thread to create it; None at
+        that deadline (the server is down or silent) or once the tracker has closed without a run.
+        Raises RuntimeError before ``start_run``."""
+        with self._lock:
+            if self._spec is None:
+                raise RuntimeError("call start_run before wait_run_id")
+        self._run_known.wait(max(timeout_s, 0.0))
+        return self.run_id
+
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         """Queue metric values; their timestamp is taken now, on the caller's thread."""
         ms = int(time.time() * 1000)
         self._put(("metrics", [(k, float(v), ms, step) for k, v in metrics.items()]), len(metrics))
 
     def log_params(self, params: dict[str, Any]) -> None:
-        """Queue params (stringified now); params given to ``start_run`` are never dropped by the queue."""
+        """Queue params (stringified now); params given to ``start_run`` are never dropped by the queue.
+        A param the run already holds is handled as in ``start_run``."""
         self._put(("params", {k: str(v) for k, v in params.items()}), len(params))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         """Queue run tags (stringified now)."""
         self._put(("tags", {k: str(v) for k, v in tags.items()}), len(tags))
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        """Queue the upload of a file, or of a folder with its name kept (``artifact_path/<name>/...``),
+        into the run's artifacts under ``artifact_path`` (None: their root). Each file counts as one
+        value in the summary (a folder is walked now, on the caller's thread, to count them).
+
+        The upload happens later, on the tracker's thread, and reads the path then: pass a path the
+        job will neither rewrite nor delete (a checkpoint that is replaced in place could be
+        uploaded half-written). A path gone by then is skipped, counted as dropped and warned about
+        once. Uploads share the thread with the metrics: those queued behind a large file wait for it.
+        Raises FileNotFoundError if ``local_path`` does not exist now."""
+        path = os.path.abspath(local_path)
+        if os.path.isdir(path):  # the same walk MLflow uploads by (symlinked folders not followed)
+            files = sum(len(names) for _, _, names in os.walk(path))
+        elif os.path.exists(path):
+            files = 1
+        else:
+            raise FileNotFoundError(f"no file or folder to log as an MLflow artifact: {path}")
+        self._put(("artifact", (path, artifact_path, files)), files)
+
+    def log_input(self, name: str, digest: str, source: str | Path, profile: dict[str, Any] | None = None,
+                  context: str = "training") -> None:
+        """Queue a dataset as the run's input (MLflow's Datasets view), one value in the summary.
+
+        ``source`` is the dataset's folder or file (source type "local", made absolute) or a URI
+        whose scheme becomes the source type (``s3://...``: "s3"); ``profile`` is stored as JSON
+        (e.g. sample counts per split); ``context`` becomes the ``mlflow.data.context`` input tag.
+        Raises ValueError if ``name`` exceeds 500 or ``digest`` 36 characters (MLflow's limits,
+        checked here because a refused request would open the circuit) and TypeError if
+        ``profile`` is not JSON-serialisable."""
+        self._put(("input", DatasetSpec.build(name, digest, source, profile, context)), 1)
 
     def close(self, deadline_s: float = 10.0, status: str = "FINISHED") -> TrackingSummary:
         """Send what can be sent and end the run (``status``: FINISHED, FAILED, KILLED), waiting at
@@ -228,52 +288,52 @@ class Tracker:
                         self._queue.get_nowait()
                     except queue.Empty:
                         pass
-                    self._warn_locked(f"its queue of {self.config.queue_size} events is full; "
+                    self._warn_locked("failure", f"its queue of {self.config.queue_size} events is full; "
                                       "the oldest events are dropped")
 
     # ---- the background thread ---------------------------------------------------------------
 
     def _work(self) -> None:
-        client = None
+        run = None
         try:
-            if self.config.uri.startswith("sqlite:///"):  # the dataset folder may not exist yet
-                Path(self.config.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-            # imported here: MLflow takes seconds to import, which the job should not wait for
-            from mlflow.tracking import MlflowClient
-
-            client = MlflowClient(self.config.uri)
+            run = RunClient(self.config.uri, self.config.artifact_location)
         except Exception as err:  # noqa: BLE001 - a broken install is one more reason not to track
             self._failed(err)
+            self._run_known.set()  # no client, so never a run: wait_run_id need not wait
         while True:
             batch = self._take()
-            if client is not None and self._may_call():
+            if run is not None and self._may_call():
                 try:
-                    self._send(client, batch)
+                    self._send(run, batch)
                 except Exception as err:  # noqa: BLE001 - any failure: warn once, open the circuit
                     self._failed(err)
             if batch.close_status is not None:
+                self._run_known.set()
                 self._done.set()
                 return
 
     def _take(self) -> _Batch:
         """Block for one event, then take whatever else is queued: one batch per round trip."""
         batch = _Batch()
-        event = self._queue.get()
+        kind, payload = self._queue.get()
         while True:
-            if event == _START:
-                pass
-            elif event[0] == _CLOSE:
-                batch.close_status = event[1]
-            elif event[0] == "metrics":
-                batch.metrics.extend(event[1])
-            elif event[0] == "params":
-                batch.params.update(event[1])
-            else:
-                batch.tags.update(event[1])
+            if kind == _CLOSE:
+                batch.close_status = payload
+            elif kind == "metrics":
+                batch.metrics.extend(payload)
+            elif kind == "params":
+                batch.params.update(payload)
+            elif kind == "tags":
+                batch.tags.update(payload)
+            elif kind == "input":
+                batch.inputs.append(payload)
+            elif kind == "artifact":
+                batch.artifacts.append(payload)
+            # "start" carries nothing: it only wakes the thread, which then creates the run
             if batch.close_status is not None:
                 return batch
             try:
-                event = self._queue.get_nowait()
+                kind, payload = self._queue.get_nowait()
             except queue.Empty:
                 return batch
 
@@ -281,44 +341,37 @@ class Tracker:
         with self._lock:
             return not self._abandoned and time.monotonic() >= self._open_until
 
-    def _send(self, client: Any, batch: _Batch) -> None:
-        from mlflow.entities import Metric, Param, RunTag
-
+    def _send(self, run: RunClient, batch: _Batch) -> None:
         spec = self._spec
         assert spec is not None  # the thread starts in start_run
         self._record_thread()
-        if spec.run_id is None:
-            spec.run_id = self._create_run(client, spec)
+        if run.run_id is None:
+            run_id = run.open(spec.experiment, spec.run_name, spec.resume_id)
+            with self._lock:
+                spec.run_id = run_id
+            self._run_known.set()
             batch.params = {**spec.params, **batch.params}
             batch.tags = {**spec.tags, **batch.tags}
-        params = [Param(k, v) for k, v in batch.params.items()]
-        tags = [RunTag(k, v) for k, v in batch.tags.items()]
-        metrics = [Metric(k, v, ms, step) for k, v, ms, step in batch.metrics]
-        for items, limit, name in ((params, _MAX_PARAMS, "params"), (tags, _MAX_TAGS, "tags"),
-                                   (metrics, _MAX_METRICS, "metrics")):
-            for i in range(0, len(items), limit):
-                chunk = items[i:i + limit]
-                # synchronous: MLflow's own async queue would flush at exit without our deadline
-                client.log_batch(spec.run_id, **{name: chunk}, synchronous=True)
-                self._count_sent(len(chunk))
+        params, unchanged, changes = run.split_params(batch.params)
+        self._count_sent(unchanged)  # the run holds them already: confirmed
+        if changes:
+            self._params_changed(changes)
+        run.log_batch(params, batch.tags, batch.metrics, self._count_sent)
+        for dataset in batch.inputs:
+            run.log_input(dataset)
+            self._count_sent(1)
+        for local_path, artifact_path, files in batch.artifacts:
+            if not os.path.exists(local_path):  # the job's doing, not the server's: circuit stays shut
+                self._caller_problem("artifact", f"skipped artifact {local_path}: gone before its upload")
+                continue
+            run.log_artifact(local_path, artifact_path)
+            self._count_sent(files)
         if batch.close_status is not None:
-            client.set_terminated(spec.run_id, batch.close_status)
+            run.end(batch.close_status)
 
-    def _create_run(self, client: Any, spec: _RunSpec) -> str:
-        from mlflow.exceptions import MlflowException
-
-        experiment = client.get_experiment_by_name(spec.experiment)
-        if experiment is not None:
-            experiment_id = experiment.experiment_id
-        else:
-            try:
-                experiment_id = client.create_experiment(spec.experiment, self.config.artifact_location)
-            except MlflowException:  # another process created it first
-                found = client.get_experiment_by_name(spec.experiment)
-                if found is None:
-                    raise
-                experiment_id = found.experiment_id
-        return client.create_run(experiment_id, run_name=spec.run_name).info.run_id
+    def _params_changed(self, changes: list[ParamChange]) -> None:
+        named = ", ".join(f"{c.key} (logged {c.logged!r}, now {c.refused!r})" for c in changes)
+        self._caller_problem("params", f"did not log changed params (MLflow keeps a run's first value): {named}")
 
     def _record_thread(self) -> None:
         with self._lock:
@@ -334,11 +387,19 @@ class Tracker:
             self._open_until = time.monotonic() + self.config.retry_after_s
             if self._error is None:
                 self._error = _one_line(err)
-            self._warn_locked(f"failed ({_one_line(err)}); the job goes on, unsent values are counted")
+            self._warn_locked("failure", f"failed ({_one_line(err)}); the job goes on, unsent values are counted")
         self.failed.set()
 
-    def _warn_locked(self, what: str) -> None:
+    def _caller_problem(self, kind: str, what: str) -> None:
+        """Values the caller's own input kept from being sent: counted as dropped (they were never
+        counted sent), reported, but the server is fine, so the circuit stays shut."""
+        with self._lock:
+            if self._error is None:
+                self._error = what
+            self._warn_locked(kind, what)
+
+    def _warn_locked(self, kind: str, what: str) -> None:
         # silent once close() has begun: the summary it returns carries the error, in one line
-        if not self._warned and not self._closed:
-            self._warned = True
+        if kind not in self._warned and not self._closed:
+            self._warned.add(kind)
             print(f"warning: MLflow tracking at {self.config.uri} {what}", file=sys.stderr, flush=True)

@@ -29,8 +29,16 @@ from training.train_config import TrainConfig, config_hash, resume_fingerprint, 
 from training.train_data import build_batches, dataset_fingerprint
 from training.train_models import build_models, ema_module
 
-# test hook: "STEP:RANK" makes that rank's loss NaN at that step (tests/test_train_faults.py)
+# test hooks (tests/test_train_resume.py): "STEP:RANK" makes that rank's loss NaN at that step;
+# "step:N" / "save:N" SIGKILLs the whole process group (launcher included) after step N, or while the
+# checkpoint of step N is half written (before its marker): a pre-emption at the worst moment.
 NAN_FAULT_ENV = "SELVA_FAULT_NAN_STEP"
+KILL_FAULT_ENV = "SELVA_FAULT_KILL"
+
+
+def _kill_fault(where: str, step: int, rank: int) -> None:
+    if rank == 0 and os.environ.get(KILL_FAULT_ENV) == f"{where}:{step}":
+        os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
 class TrainingStopped(RuntimeError):
@@ -156,7 +164,11 @@ class Trainer:
         ck.write_json_atomic(ck.rank_file(folder, self.world.rank), state)
         if self.world.is_main and self.ema is not None:
             self.ema.save(folder / "ema.pt")
-        dist.barrier()  # every rank's files are on disk: now the marker
+        _kill_fault("save", self.step, self.world.rank)
+        # every rank learns the MLflow run id (known once rank 0's tracker thread created the run)
+        ids = [self.tracker.run_id if self.world.is_main and self.tracker is not None else None]
+        dist.broadcast_object_list(ids, src=0)  # also the barrier: every rank's files are on disk
+        self.run_id = ids[0] or self.run_id
         if self.world.is_main:
             marker = {
                 "step": self.step, "world_size": self.world.world_size, "config_hash": self.config_hash,
@@ -224,10 +236,10 @@ class Trainer:
             local_loss, applied = self.train_step()
             self.stats.step_s += time.perf_counter() - t0
             loss, stop_signal, _ = self._agree(local_loss, False)
+            if self.ema is not None:  # also after a skipped step (weights unchanged): EMA counts optimizer steps
+                self.ema.update(self.step + 1)
             if applied:
                 self.bad_in_row = 0
-                if self.ema is not None:
-                    self.ema.update(self.step + 1)
             else:
                 self.skipped += 1
                 self.bad_in_row += 1
@@ -245,6 +257,7 @@ class Trainer:
                 raise TrainingStopped(
                     f"{self.bad_in_row} steps in a row had a non-finite loss or gradient (last at step {self.step}); "
                     f"stopped. The last good checkpoint is under {self.ckpt_root}")
+            _kill_fault("step", self.step, self.world.rank)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 self.log_metrics(on_log)
             due = self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps

@@ -8,6 +8,7 @@ tests share: 16 train and 8 val clips, seed 0, 4 samples per shard.
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,13 @@ from preprocessing.compact import decode_flac, decode_sync_mp4
 from preprocessing.manifest import read_manifest
 from preprocessing.prompt_store import PromptStore, read_empty_prompt
 from preprocessing.shard_reader import iter_dataset
-from preprocessing.shards import done_and_missing, read_dataset_info, read_failures, read_input_failures
+from preprocessing.shards import (
+    done_and_missing,
+    read_dataset_info,
+    read_failures,
+    read_input_failures,
+    read_marker,
+)
 from selva.flow_matching import FlowMatching
 from selva.mixing import MixConfig, mix_batch, mixing_generator
 from selva.presets import TINY
@@ -202,10 +209,15 @@ def test_the_same_seed_writes_the_same_bytes(train_world, tmp_path):
     again = tmp_path / "again"
     keys = write_train_world(again, train=16, val=8, seed=0)
     assert {split: len(k) for split, k in keys.items()} == {"train": 16, "val": 8}
-    for folder in ("shards", "text", "failures"):
-        written = sorted(p.relative_to(train_world) for p in (train_world / folder).iterdir() if p.suffix != ".json"
-                         or folder == "text")  # fmt: skip
-        assert written and all((train_world / p).read_bytes() == (again / p).read_bytes() for p in written)
-    assert (train_world / "manifest.parquet").read_bytes() == (again / "manifest.parquet").read_bytes()
+
+    def files(root: Path) -> list[Path]:
+        # all but what records times and paths: the shard markers' timings, dataset.json's input path
+        found = (p.relative_to(root) for p in root.rglob("*") if p.is_file())
+        return sorted(p for p in found if not (p.match("shards/*.json") or p.name == "dataset.json"))
+
+    assert files(again) == files(train_world) and len(files(again)) == 22  # table, manifest, 6 tars, 7 text, 7 failures
+    assert all((again / p).read_bytes() == (train_world / p).read_bytes() for p in files(again))
+    for shard in done_and_missing(again)[0]:  # the markers too, but for their timings
+        assert replace(read_marker(again, shard), timings={}) == replace(read_marker(train_world, shard), timings={})
     with pytest.raises(FileExistsError):
         write_train_world(again)

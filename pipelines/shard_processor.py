@@ -195,6 +195,27 @@ class ShardProcessor:
         return out
 
     # -- per shard --------------------------------------------------------------------------------
+    def encode_clips(
+        self, dataset_dir: str | Path, shard: str, decoded: Sequence[tuple[ManifestRow, DecodedClip]]
+    ) -> dict[str, Sample]:
+        """The samples of ``shard``'s decoded clips, by key: latents from the codec, prompt features
+        from the dataset's store (else encoded here), frames and audio compacted as a shard stores them.
+
+        Public so that a clip made in memory (``pipelines.train_world``) becomes a sample exactly as a
+        decoded file does."""
+        text_features = self._text_features([row.text for row, _ in decoded], self._prompt_store(dataset_dir))
+        latents = self._latents([clip for _, clip in decoded])
+        samples = {}
+        for (row, clip), (mean, std) in zip(decoded, latents, strict=True):
+            t5, t5_mask, clip_text = text_features[row.text]
+            samples[row.key] = Sample(
+                meta=SampleMeta(row.key, row.source_id, row.text, row.start, row.duration, row.split, shard),
+                sync_mp4=encode_sync_mp4(clip.frames, fps=clip.fps),
+                audio_flac=encode_flac(clip.audio, clip.sample_rate),
+                arrays={"latent_mean": mean, "latent_std": std, "t5": t5, "t5_mask": t5_mask, "clip_text": clip_text},
+            )
+        return samples
+
     def process(
         self,
         dataset_dir: str | Path,
@@ -237,17 +258,7 @@ class ShardProcessor:
 
         start = time.perf_counter()
         encoded_before = self.prompts_encoded
-        text_features = self._text_features([row.text for row, _ in decoded], self._prompt_store(dataset_dir))
-        latents = self._latents([clip for _, clip in decoded])
-        samples = dict(reuse)
-        for (row, clip), (mean, std) in zip(decoded, latents, strict=True):
-            t5, t5_mask, clip_text = text_features[row.text]
-            samples[row.key] = Sample(
-                meta=SampleMeta(row.key, row.source_id, row.text, row.start, row.duration, row.split, shard),
-                sync_mp4=encode_sync_mp4(clip.frames, fps=clip.fps),
-                audio_flac=encode_flac(clip.audio, clip.sample_rate),
-                arrays={"latent_mean": mean, "latent_std": std, "t5": t5, "t5_mask": t5_mask, "clip_text": clip_text},
-            )
+        samples = {**reuse, **self.encode_clips(dataset_dir, shard, decoded)}
         timings["encode"] = time.perf_counter() - start
 
         failed = dict(failures)

@@ -14,8 +14,6 @@ import math
 import time
 from collections.abc import Sequence
 
-import ray
-
 from preprocessing.manifest import ManifestRow
 from preprocessing.prompt_store import (
     TEXT_DIR,
@@ -45,6 +43,8 @@ def encode_prompts(dataset_dir: str, rows: Sequence[ManifestRow], actors: Sequen
     Returns (prompts encoded, prompts already stored, seconds). Exceptions from the actors propagate
     (the caller turns them into a job error); chunks finished before are kept for the rerun.
     """
+    import ray  # here, not at the top: record_text_features serves writers that run without Ray
+
     started = time.perf_counter()
     remove_orphan_arrays(dataset_dir)  # arrays of a chunk whose writer was killed before its index
     stored = PromptStore(dataset_dir).prompts()

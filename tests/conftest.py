@@ -45,3 +45,14 @@ def reference_dir() -> Path:
     path = shared_dir() / "reference"
     require_shared(path / "cases.json", "the reference vectors")  # fails under CI, else skips
     return path
+
+
+@pytest.fixture(scope="session")
+def train_world(tmp_path_factory) -> Path:
+    """The generated training world (``pipelines.train_world``), written once per session: 16 train and 8
+    val clips, seed 0, 4 samples per shard, tiny preset, embedded encoders. Read it, never write into it."""
+    from pipelines.train_world import write_train_world
+
+    root = tmp_path_factory.mktemp("train-world") / "dataset"
+    write_train_world(root, train=16, val=8, seed=0)
+    return root

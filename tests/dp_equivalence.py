@@ -1,7 +1,7 @@
 """Run by torchrun from tests/test_train.py: the same samples as 1 rank x batch 2b or 2 ranks x batch b.
 
-Usage: dp_equivalence.py DATASET OUT_FILE B (the same B for both world sizes). Reads 5 fixed batches of 2b samples (no mixing, no CFG
-dropout) once, gives rank r the r-th half when there are 2 ranks, trains 5 steps through the real
+Usage: dp_equivalence.py DATASET OUT_FILE B (the same B for both world sizes). Reads 5 fixed
+batches of 2b samples (no mixing, no CFG dropout) once, gives rank r the r-th half when there are 2 ranks, trains 5 steps through the real
 Trainer (DeepSpeed ZeRO-2 engine, gloo) and writes the trained parameters from rank 0.
 """
 
@@ -18,8 +18,7 @@ from training.loader import LoaderConfig, build_loader
 from training.train_config import load_config
 from training.trainer import Trainer
 
-import os
-STEPS = int(os.environ.get("DP_STEPS", "5"))
+STEPS = 5
 
 
 def main() -> None:
@@ -36,10 +35,11 @@ def main() -> None:
     part = slice(world.rank * b, (world.rank + 1) * b) if world.world_size == 2 else slice(0, 2 * b)
     mine = [{k: v[part] for k, v in batch.items() if k != "mix"} for batch in full]
     trainer = Trainer(cfg, world, batches=iter(mine))
+    start = {n: p.detach().clone().contiguous() for n, p in trainer.named}
     trainer.run()
     if world.is_main:
         save_file({n: p.detach().clone().contiguous() for n, p in trainer.named}, out_file)
-        print("LOSSES", trainer.losses, flush=True)
+        save_file(start, out_file + ".start")
     torch.distributed.destroy_process_group()
 
 

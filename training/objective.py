@@ -150,10 +150,11 @@ class SelvaObjective:
         clip_f = gen.empty_clip_sequence(b)
         text_f = batch["clip_text"]
         null_video, null_text = to(draws.null_video), to(draws.null_text)
-        if bool(null_video.any()):
-            sync = torch.where(null_video[:, None, None], gen.empty_sync_sequence(b).to(sync.dtype), sync)
-        if bool(null_text.any()):
-            text_f = torch.where(null_text[:, None, None], gen.empty_string_sequence(b).to(text_f.dtype), text_f)
+        # always through torch.where, even when no coin came up: every trained parameter (the empty
+        # tokens included) must get a gradient on every rank at every step, or ZeRO's gradient buckets
+        # differ between ranks and their reductions no longer pair up (gloo aborts, NCCL hangs)
+        sync = torch.where(null_video[:, None, None], gen.empty_sync_sequence(b).to(sync.dtype), sync)
+        text_f = torch.where(null_text[:, None, None], gen.empty_string_sequence(b).to(text_f.dtype), text_f)
         noise, t = to(draws.noise), to(draws.t)
         xt = self.fm.interpolate(noise, x1, t)
         predicted = gen(xt, clip_f, sync, text_f, t)

@@ -1,8 +1,9 @@
 """Run by torchrun from tests/test_train.py: the same samples as 1 rank x batch 2b or 2 ranks x batch b.
 
 Usage: dp_equivalence.py DATASET OUT_FILE B (the same B for both world sizes). Reads 5 fixed
-batches of 2b samples (no mixing, no CFG dropout) once, gives rank r the r-th half when there are 2 ranks, trains 5 steps through the real
-Trainer (DeepSpeed ZeRO-2 engine, gloo) and writes the trained parameters from rank 0.
+batches of 2b samples (no mixing, no CFG dropout) once, gives rank r the r-th half when there are
+2 ranks, trains 5 steps through the real Trainer (DeepSpeed ZeRO-2 engine, gloo) and writes the
+trained parameters (and those it started from) from rank 0.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,9 +19,22 @@ from safetensors.torch import load_file
 from tests.train_launch import explain, job_env, run_job, torchrun_cmd
 
 STEPS = 20
-COMMON = [f"steps={STEPS}", "checkpoint_every=10", "loader.batch_size=2", "loader.num_workers=0",
+COMMON = [f"steps={STEPS}", "checkpoint_every=5", "loader.batch_size=2", "loader.num_workers=0",
           "loader.shuffle_buffer=8", "log_every=5", "optim.warmup_steps=5", "ema.snapshot_every=10",
           "experiment=stages"]
+
+
+def stage_args(stage: str, dataset: Path, outs: dict[str, Path], out: Path, uri: str) -> list[str]:
+    """The command line of one stage of the chain (the resume tests rerun the generator stage's)."""
+    inits = {
+        "pretrain": [],
+        "encoder": [f"init.textsynch={outs['pretrain'] / 'final'}", f"init.generator={outs['pretrain'] / 'final'}"],
+        # stage 2 also carries the resume tests' settings: 2 loader workers, mixing p 0.5, CFG dropout, ZeRO-2
+        "generator": [f"init.textsynch={outs['encoder'] / 'final'}", f"init.generator={outs['pretrain'] / 'final'}",
+                      "loader.num_workers=2", "mixing.prob=0.5", "cfg_dropout=0.1", "zero_stage=2"],
+    }
+    return ["--config", "configs/train/tiny.yaml", f"dataset={dataset}", f"out={out}", f"stage={stage}",
+            f"tracking_uri={uri}", f"run_name={stage}", *COMMON, *inits[stage]]
 
 
 @pytest.fixture(scope="session")
@@ -28,21 +42,14 @@ def stage_runs(train_world, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("stages")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     outs = {s: root / s for s in ("pretrain", "encoder", "generator")}
-    inits = {
-        "pretrain": [],
-        "encoder": [f"init.textsynch={outs['pretrain'] / 'final'}", f"init.generator={outs['pretrain'] / 'final'}"],
-        "generator": [f"init.textsynch={outs['encoder'] / 'final'}", f"init.generator={outs['pretrain'] / 'final'}"],
-    }
     for stage, out in outs.items():
-        args = ["--config", "configs/train/tiny.yaml", f"dataset={train_world}", f"out={out}", f"stage={stage}",
-                f"tracking_uri={uri}", f"run_name={stage}", *COMMON, *inits[stage]]
         # stage 1 also shows the agreed skip: rank 1 alone produces a NaN loss at step 3
         env = job_env(SELVA_FAULT_NAN_STEP="3:1") if stage == "encoder" else None
-        result = run_job(torchrun_cmd(2) + args, env=env, timeout=400)
+        result = run_job(torchrun_cmd(2) + stage_args(stage, train_world, outs, out, uri), env=env, timeout=400)
         assert result.returncode == 0, explain(result)
         (out / "stdout.txt").write_text(result.stdout)
         (out / "stderr.txt").write_text(result.stderr)
-    return {"uri": uri, **outs}
+    return {"uri": uri, "dataset": train_world, **outs}
 
 
 def _final_state(out: Path, module: str) -> dict[str, torch.Tensor]:
@@ -149,3 +156,67 @@ def test_data_parallel_equals_one_big_batch(train_world, tmp_path):
     # and the comparison means something: training moved the weights far more than the tolerance
     start = load_file(str(files[2]) + ".start")
     assert max((two[k] - start[k]).abs().max().item() for k in two) > 1e-3
+
+
+# ------------------------------------------------------------------------------------- resume
+def _state(out: Path, step: int) -> tuple[list[dict], dict[str, torch.Tensor], dict]:
+    folder = out / "checkpoints" / f"step-{step:08d}"
+    ranks = [json.loads((folder / f"trainer-rank{r:05d}.json").read_text()) for r in (0, 1)]
+    module = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    ema = torch.load(folder / "ema.pt", map_location="cpu", weights_only=True)
+    return ranks, module, ema
+
+
+def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float = 1e-6) -> float:
+    assert a.keys() == b.keys()
+    return max((x.float() - b[k].float()).abs().max().item() for k, x in a.items())
+
+
+@pytest.fixture(scope="session")
+def resumed_run(stage_runs, tmp_path_factory) -> dict[str, Any]:
+    """Stage 2 of the chain again, SIGKILLed (launcher and ranks) while writing the step-15 checkpoint
+    (after step 10's), then rerun with resume=auto."""
+    root = tmp_path_factory.mktemp("resume")
+    out = root / "generator"
+    args = stage_args("generator", stage_runs["dataset"], stage_runs, out, f"sqlite:///{root / 'mlflow.db'}")
+    killed = run_job(torchrun_cmd(2) + args, env=job_env(SELVA_FAULT_KILL="save:15"), timeout=400)
+    leftovers = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
+    half_written = sorted(p.name for p in (out / "checkpoints" / "step-00000015").iterdir())
+    resumed = run_job(torchrun_cmd(2) + args + ["resume=auto"], timeout=400)
+    assert resumed.returncode == 0, explain(resumed)
+    return {"out": out, "killed": killed, "leftovers": leftovers, "half_written": half_written,
+            "resumed": resumed}
+
+
+def test_a_kill_while_saving_leaves_an_unmarked_checkpoint_that_is_ignored(resumed_run):
+    assert resumed_run["killed"].returncode != 0
+    assert resumed_run["leftovers"] == ["step-00000005", "step-00000010", "step-00000015"]  # keep 2 complete
+    half = resumed_run["half_written"]
+    assert "trainer-rank00000.json" in half and "complete.json" not in half
+    stderr = resumed_run["resumed"].stderr
+    assert "resuming from" in stderr and "step-00000010 (step 10)" in stderr
+
+
+def test_resume_continues_exactly(stage_runs, resumed_run):
+    """Per-step losses, trained weights, EMA and every rank's loader position equal the uninterrupted run's."""
+    ranks_a, module_a, ema_a = _state(stage_runs["generator"], STEPS)
+    ranks_b, module_b, ema_b = _state(resumed_run["out"], STEPS)
+    for a, b in zip(ranks_a, ranks_b, strict=True):
+        assert len(a["losses"]) == len(b["losses"]) == STEPS
+        assert max(abs(x - y) for x, y in zip(a["losses"], b["losses"], strict=True)) <= 1e-6
+        assert a["loader"] == b["loader"] and a["loader"]["step"] == STEPS
+    assert _close(module_a, module_b) <= 1e-6
+    assert ema_a["step"] == ema_b["step"] == STEPS and ema_a["snapshots"] == ema_b["snapshots"]
+    assert _close(ema_a["ema"], ema_b["ema"]) <= 1e-6
+    final_a = _final_state(stage_runs["generator"], "generator")
+    final_b = _final_state(resumed_run["out"], "generator")
+    assert _close(final_a, final_b) <= 1e-6
+
+
+def test_a_changed_config_refuses_to_resume(stage_runs, tmp_path):
+    args = stage_args("generator", stage_runs["dataset"], stage_runs, stage_runs["generator"],
+                      f"sqlite:///{tmp_path / 'mlflow.db'}")
+    result = run_job(torchrun_cmd(2) + args + ["optim.lr=5e-4", "steps=30"], timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count("cannot resume exactly from") == 1  # one line, from rank 0
+    assert "optim.lr: '0.001' -> '0.0005'" in result.stderr and "steps: '20' -> '30'" in result.stderr

@@ -84,16 +84,16 @@ def run(cfg: TrainConfig) -> int:
 
     from training.engine import init_world
     from training.progress import Progress, print_summary
-    from training.train_data import preflight
-    from training.trainer import Trainer, TrainingStopped
+    from training.train_data import dataset_fingerprint, preflight
+    from training.trainer import Trainer, TrainingStopped, find_resume
 
     preflight(cfg)
     world = init_world(cfg)
     tracker = None
     status = "FAILED"
     try:
+        found = find_resume(cfg, world, dataset_fingerprint(cfg))
         trainer = Trainer(cfg, world)
-        found = trainer.find_resume()
         if found is not None:
             trainer.load_checkpoint(found)
             if world.is_main:
@@ -124,7 +124,7 @@ def run(cfg: TrainConfig) -> int:
         if tracker is not None:
             result = tracker.close(TRACKING_CLOSE_S, status=status)
             problem = result.problem(TRACKING_CLOSE_S)
-            if problem:
+            if problem and not tracker.failed.is_set():  # one warning per job: the tracker's own, or this
                 print(f"warning: {problem}", file=sys.stderr, flush=True)
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return run(cfg)
     except (ConfigError, ResumeError) as err:
-        print(f"error: {redact(str(err))}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank refuses alike; one of them says why
+            print(f"error: {redact(str(err))}", file=sys.stderr)
         return 2
 
 

@@ -62,6 +62,42 @@ class StepStats:
         self.__init__()  # type: ignore[misc]
 
 
+def find_resume(cfg: TrainConfig, world: World, dataset_fp: str) -> ck.Found | None:
+    """The checkpoint to resume (``cfg.resume``: auto / never / a folder), or None; raises
+    :class:`training.checkpoints.ResumeError` when it cannot be resumed exactly. Rank 0 decides and
+    every rank gets the same answer (or the same refusal); cheap, so it runs before the modules and
+    the engine are built."""
+    answer: list[Any] = [None]
+    if world.is_main:
+        try:
+            answer[0] = _pick_checkpoint(cfg, world, dataset_fp)
+        except ck.ResumeError as err:
+            answer[0] = err
+    dist.broadcast_object_list(answer, src=0)
+    if isinstance(answer[0], BaseException):
+        raise answer[0]
+    return answer[0]
+
+
+def _pick_checkpoint(cfg: TrainConfig, world: World, dataset_fp: str) -> ck.Found | None:
+    root = Path(cfg.out) / "checkpoints"
+    if cfg.resume == "never":
+        return None
+    if cfg.resume == "auto":
+        found = ck.complete_checkpoints(root)
+        if not found:
+            return None
+        chosen = found[-1]
+    else:
+        folder = Path(cfg.resume)
+        if not (folder / ck.MARKER).is_file():
+            raise ck.ResumeError(f"resume={cfg.resume}: not a complete checkpoint (no {ck.MARKER} in it)")
+        chosen = next(f for f in ck.complete_checkpoints(folder.parent) if f.folder == folder)
+    ck.check_resumable(chosen, world_size=world.world_size, config_hash=config_hash(cfg),
+                       config=resume_fingerprint(cfg), dataset_fingerprint=dataset_fp)
+    return chosen
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, world: World, *, batches: Any = None, tracker: Any = None):
         """``batches``: an iterator of batches to use instead of the datasets' loaders (tests of the
@@ -179,37 +215,6 @@ class Trainer:
             ck.clean_incomplete(self.ckpt_root, self.cfg.keep_checkpoints)
         dist.barrier()
         return folder
-
-    def find_resume(self) -> ck.Found | None:
-        """Rank 0 picks the checkpoint (or the refusal) and every rank gets the same answer."""
-        answer: list[Any] = [None]
-        if self.world.is_main:
-            try:
-                answer[0] = self._pick_checkpoint()
-            except ck.ResumeError as err:
-                answer[0] = err
-        dist.broadcast_object_list(answer, src=0)
-        if isinstance(answer[0], BaseException):
-            raise answer[0]
-        return answer[0]
-
-    def _pick_checkpoint(self) -> ck.Found | None:
-        resume = self.cfg.resume
-        if resume == "never":
-            return None
-        if resume == "auto":
-            found = ck.complete_checkpoints(self.ckpt_root)
-            if not found:
-                return None
-            chosen = found[-1]
-        else:
-            folder = Path(resume)
-            if not (folder / ck.MARKER).is_file():
-                raise ck.ResumeError(f"resume={resume}: not a complete checkpoint (no {ck.MARKER})")
-            chosen = next(f for f in ck.complete_checkpoints(folder.parent) if f.folder == folder)
-        ck.check_resumable(chosen, world_size=self.world.world_size, config_hash=self.config_hash,
-                           config=resume_fingerprint(self.cfg), dataset_fingerprint=self.dataset_fp)
-        return chosen
 
     def load_checkpoint(self, found: ck.Found) -> None:
         self.engine.load_checkpoint(str(found.folder.parent), tag=found.folder.name, load_module_strict=True,

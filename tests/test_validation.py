@@ -64,6 +64,8 @@ def test_loss_is_fixed_binned_and_leaves_training_state_alone(world, train_world
     _, objective = world
     cfg = _config(train_world, tmp_path, "validation.audio_clips=0")
     validator = _validator(cfg, objective, tmp_path)
+    cfg.validation.every, cfg.steps = 50, 120
+    assert [s for s in range(1, 121) if validator.due(s)] == [50, 100, 120]
     rng = torch.get_rng_state()
     first, files = validator.run(10)
     assert torch.equal(torch.get_rng_state(), rng)
@@ -132,7 +134,7 @@ def test_no_val_split_turns_validation_off_with_one_line(world, train_world, tmp
     cfg = _config(copy, tmp_path / "out")
     with caplog.at_level(logging.INFO, logger="selva.validation"):
         validator = _validator(cfg, objective, tmp_path)
-        assert validator.run(5) == ({}, []) and validator.run(10) == ({}, [])
+        assert validator.run(5) == ({}, []) and validator.run(10) == ({}, []) and not validator.due(cfg.steps)
     assert len(caplog.records) == 1 and "no val split" in caplog.records[0].getMessage()
 
 

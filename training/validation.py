@@ -132,6 +132,12 @@ class Validator:
                 log.warning("validation audio off: %s was made with the official encoders, whose decoder needs a "
                             "weights folder the trainer config does not name", self.path)
 
+    def due(self, step: int) -> bool:
+        """Whether the trainer validates after optimizer step ``step``: every ``validation.every`` steps
+        (0: never in between) and at the last step. The same answer on every rank."""
+        every = self.cfg.validation.every
+        return self.path is not None and ((every > 0 and step % every == 0) or step == self.cfg.steps)
+
     def _val_set(self) -> tuple[str | None, str]:
         """(dataset folder, split): ``val_dataset`` (its val split, or its train split when it has no
         val split: a folder made for validation), else the first dataset's val split; (None, "") = off."""

@@ -9,6 +9,10 @@ steps on 2 ranks, on the generated training world (tests/conftest.py ``train_wor
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.train_launch import explain, job_env, run_job, torchrun_cmd
+from tests.tracking_servers import closed_port, silent_server
+from tests.train_launch import explain, job_env, run_job, start_job, torchrun_cmd
 
 STEPS = 20
 COMMON = [f"steps={STEPS}", "checkpoint_every=5", "loader.batch_size=2", "loader.num_workers=0",
@@ -122,7 +127,12 @@ def test_one_mlflow_run_per_job_with_params_history_and_artifacts(stage_runs):
         for key in ("train/lr", "train/grad_norm", "train/samples_per_s", "train/data_wait_share"):
             assert client.get_metric_history(run.info.run_id, key), key
         names = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"resolved_config.yaml", "deepspeed_config.json", "final"} <= names
+        assert {"resolved_config.yaml", "deepspeed_config.json", "final", "validation"} <= names
+        listed = client.list_artifacts(run.info.run_id, f"validation/step-{STEPS:06d}")
+        audio = {a.path.rsplit("/", 1)[-1] for a in listed}
+        assert len([n for n in audio if n.endswith(".flac") and ".reference" not in n]) == 2
+        assert len([n for n in audio if n.endswith(".png")]) == 4
+        assert client.get_metric_history(run.info.run_id, "val/loss")[0].step == STEPS
         inputs = run.inputs.dataset_inputs
         assert len(inputs) == 1 and inputs[0].dataset.digest == json.loads(
             (stage_runs[run.info.run_name] / "checkpoints" / f"step-{STEPS:08d}" / "complete.json").read_text()
@@ -182,7 +192,11 @@ def resumed_run(stage_runs, tmp_path_factory) -> dict[str, Any]:
     killed = run_job(torchrun_cmd(2) + args, env=job_env(SELVA_FAULT_KILL="save:15"), timeout=400)
     leftovers = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
     half_written = sorted(p.name for p in (out / "checkpoints" / "step-00000015").iterdir())
-    resumed = run_job(torchrun_cmd(2) + args + ["resume=auto"], timeout=400)
+    # the resumed job also meets a tracking server that accepts and never answers (tracking_uri may change
+    # on resume): it must train, flush for at most its deadline, exit 0 and say so once
+    with silent_server() as port:
+        resumed = run_job(torchrun_cmd(2) + args + ["resume=auto", f"tracking_uri=http://127.0.0.1:{port}"],
+                          timeout=400)
     assert resumed.returncode == 0, explain(resumed)
     return {"out": out, "killed": killed, "leftovers": leftovers, "half_written": half_written,
             "resumed": resumed}
@@ -220,3 +234,76 @@ def test_a_changed_config_refuses_to_resume(stage_runs, tmp_path):
     assert result.returncode != 0
     assert result.stderr.count("cannot resume exactly from") == 1  # one line, from rank 0
     assert "optim.lr: '0.001' -> '0.0005'" in result.stderr and "steps: '20' -> '30'" in result.stderr
+
+
+def test_a_silent_tracking_server_costs_the_exit_flush_only(resumed_run):
+    stderr = resumed_run["resumed"].stderr
+    assert stderr.count("warning: MLflow tracking at http://127.0.0.1:") == 1, stderr[-3000:]
+
+
+def test_a_closed_tracking_port_does_not_stop_training(train_world, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "training.train", "--config", "configs/train/tiny.yaml", f"dataset={train_world}",
+           f"out={out}", "stage=generator", "steps=3", "loader.batch_size=2", "loader.num_workers=0",
+           "validation.audio_clips=0", f"tracking_uri=http://127.0.0.1:{closed_port()}"]
+    result = run_job(cmd, timeout=300)
+    assert result.returncode == 0, explain(result)
+    assert result.stderr.count("warning: MLflow tracking at") == 1, result.stderr[-3000:]
+    assert (out / "final" / "generator.safetensors").is_file()
+    assert "3 of 3" in result.stdout
+
+
+# ------------------------------------------------------------------------------------- two nodes
+def _launch_two_nodes(args: list[str], port: int) -> list[subprocess.Popen]:
+    return [start_job(torchrun_cmd(1, nodes=(2, node, port)) + args) for node in (0, 1)]
+
+
+def _wait_all(jobs: list[subprocess.Popen], timeout: float = 400) -> list[tuple[int, str, str]]:
+    results = []
+    for job in jobs:
+        stdout, stderr = job.communicate(timeout=timeout)
+        results.append((job.returncode, stdout, stderr))
+    return results
+
+
+def test_two_nodes_one_run_one_checkpoint_series_and_sigterm(train_world, tmp_path):
+    """Two torchrun launchers (node ranks 0 and 1, one rendezvous) train tiny; SIGTERM to the node-1 rank
+    alone makes both ranks checkpoint and exit 0 (Slurm pre-emption); a relaunch with resume=auto
+    finishes into the same MLflow run and the same checkpoint series."""
+    import psutil
+
+    out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["--config", "configs/train/tiny.yaml", f"dataset={train_world}", f"out={out}", "stage=pretrain",
+            "steps=12", "checkpoint_every=3", "loader.batch_size=2", "loader.num_workers=0", "log_every=3",
+            "validation.audio_clips=0", f"tracking_uri={uri}", "experiment=nodes", "run_name=two-nodes"]
+    jobs = _launch_two_nodes(args, closed_port())
+    first = out / "checkpoints" / "step-00000003" / "complete.json"
+    deadline = time.monotonic() + 300
+    while not first.is_file():
+        assert all(j.poll() is None for j in jobs), _wait_all(jobs)
+        assert time.monotonic() < deadline, "no checkpoint at step 3"
+        time.sleep(0.2)
+    workers = psutil.Process(jobs[1].pid).children()
+    assert len(workers) == 1
+    workers[0].send_signal(signal.SIGTERM)
+    stopped = _wait_all(jobs)
+    assert [code for code, _, _ in stopped] == [0, 0], stopped
+    assert "stop signal: checkpoint at step" in stopped[0][2]
+    series = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
+    stop_step = int(series[-1][len("step-"):])
+    assert 3 < stop_step < 12 and (out / "checkpoints" / series[-1] / "complete.json").is_file()
+
+    finished = _wait_all(_launch_two_nodes([*args, "resume=auto"], closed_port()))
+    assert [code for code, _, _ in finished] == [0, 0], finished
+    assert f"(step {stop_step})" in finished[0][2]
+    marker = json.loads((out / "checkpoints" / "step-00000012" / "complete.json").read_text())
+    assert marker["world_size"] == 2
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("nodes").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags["nodes"] == "2" and runs[0].data.tags["world_size"] == "2"
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
+    assert steps[-1] == 12 and 3 in steps and marker["run_id"] == runs[0].info.run_id

@@ -44,6 +44,8 @@ def print_summary(trainer: Any, summary: dict[str, Any], final: Path) -> None:
         ("steps (this job)", f"{summary.get('steps', 0)} of {trainer.cfg.steps}"),
         ("loss (first 10 -> last 10 steps)", f"{first:.4f} -> {last:.4f}"),
         ("skipped steps (non-finite)", str(trainer.skipped)),
+        ("val loss (last validation)", f"{trainer.val_metrics['val/loss']:.4f}" if trainer.val_metrics.get("val/loss")
+         is not None else "-"),
         ("world size", str(trainer.world.world_size)),
         ("time", f"{summary.get('elapsed_s', 0.0):.1f} s"),
         ("checkpoints", str(trainer.ckpt_root)),

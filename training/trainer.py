@@ -130,8 +130,13 @@ class Trainer:
         self.run_id: str | None = None
         self.config_hash = config_hash(cfg)
         self.dataset_fp = dataset_fingerprint(cfg) if batches is None else "fixed-batches"
+        from training.validation import Validator
+
+        self.validator = Validator(cfg, self.objective, rank=world.rank, world_size=world.world_size,
+                                   device=world.device, out_dir=self.out)
         self.stop_requested = False
         self.losses: list[float] = []  # per-step mean loss over all ranks (what tests compare)
+        self.val_metrics: dict[str, float] = {}
         self.stats = StepStats()
 
     # ------------------------------------------------------------------------------ signals
@@ -268,6 +273,8 @@ class Trainer:
             due = self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps
             if due or stop_signal:
                 self.save_checkpoint()
+            if not stop_signal and self.validator.due(self.step):
+                self.validate()
             if stop_signal:
                 if self.world.is_main:
                     print(f"stop signal: checkpoint at step {self.step} written; resume with resume=auto",
@@ -276,6 +283,17 @@ class Trainer:
         elapsed = time.perf_counter() - t_start
         return {"steps": self.step - step_start, "elapsed_s": elapsed, "skipped": self.skipped,
                 "final_loss": self.losses[-1] if self.losses else float("nan")}
+
+    def validate(self) -> dict[str, float]:
+        """Val loss (every rank takes part) and val audio (rank 0), logged to MLflow."""
+        metrics, files = self.validator.run(self.step)
+        if self.tracker is not None:
+            if metrics:
+                self.tracker.log_metrics(metrics, step=self.step)
+            for path in files:  # written once per step folder, never rewritten: safe to upload later
+                self.tracker.log_artifact(str(path), f"validation/{path.parent.name}")
+        self.val_metrics = metrics
+        return metrics
 
     def log_metrics(self, on_log=None) -> None:
         s = self.stats

@@ -43,7 +43,9 @@ def set_stage_trainable(textsynch: TextSynch, generator: Generator, stage: str) 
     if stage == "pretrain":
         for p in (*textsynch.parameters(), *generator.parameters()):
             p.requires_grad_(False)
-        named = [(f"textsynch.vfeat_extractor.{n}", p) for n, p in textsynch.vfeat_extractor.named_parameters()]
+        # the 2-D patch_embed is unused (kept for loading Synchformer's keys): it would never get a gradient
+        named = [(f"textsynch.vfeat_extractor.{n}", p) for n, p in textsynch.vfeat_extractor.named_parameters()
+                 if not n.startswith("patch_embed.")]
         named += [(f"generator.{n}", p) for n, p in generator.named_parameters() if n not in GENERATOR_FROZEN]
         for _, p in named:
             p.requires_grad_(True)

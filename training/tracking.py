@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from training.redact import redact
 from training.tracking_client import DatasetSpec, ParamChange, RunClient
 
 # MLflow's own names; the values are ours and apply only where the environment has none
@@ -94,7 +95,7 @@ class TrackingSummary:
             return None
         why = self.error or (f"still pending at the {deadline_s:g} s deadline" if not self.finished
                              else "the queue overflowed")
-        return (f"MLflow tracking at {self.uri}: {self.dropped} of {self.sent + self.dropped} values "
+        return (f"MLflow tracking at {redact(self.uri)}: {self.dropped} of {self.sent + self.dropped} values "
                 f"not sent ({why})")
 
 
@@ -402,4 +403,4 @@ class Tracker:
         # silent once close() has begun: the summary it returns carries the error, in one line
         if kind not in self._warned and not self._closed:
             self._warned.add(kind)
-            print(f"warning: MLflow tracking at {self.config.uri} {what}", file=sys.stderr, flush=True)
+            print(redact(f"warning: MLflow tracking at {self.config.uri} {what}"), file=sys.stderr, flush=True)

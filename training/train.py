@@ -34,6 +34,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--config", type=Path, help="YAML config (configs/train/*.yaml); defaults apply without one")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (credentials redacted) and exit")
+    # the deepspeed launcher appends --local_rank=N (unless --no_local_rank); LOCAL_RANK says the same
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="e.g. dataset=DIR out=DIR stage=encoder steps=200 optim.lr=3e-4 resume=auto")
     return parser
@@ -50,6 +52,7 @@ def git_commit() -> str:
 
 def start_tracking(cfg: TrainConfig, trainer: Any, world: Any) -> Any:
     """Rank 0's tracker, started on the run to continue (resume) or a new one; None elsewhere."""
+    nodes = trainer.count_nodes()  # a collective: every rank takes part
     if not world.is_main:
         return None
     from training.tracking import Tracker, TrackingConfig
@@ -58,10 +61,9 @@ def start_tracking(cfg: TrainConfig, trainer: Any, world: Any) -> Any:
     out = Path(cfg.out)
     uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out.resolve() / 'mlflow.db'}"
     tracker = Tracker(TrackingConfig(uri=uri, artifact_location=str((out / "mlartifacts").resolve())))
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size))
     tags = {
         "git_commit": git_commit(), "dataset_fingerprint": trainer.dataset_fp, "world_size": world.world_size,
-        "nodes": max(1, world.world_size // max(1, local)), "stage": cfg.stage, "preset": cfg.preset,
+        "nodes": nodes, "stage": cfg.stage, "preset": cfg.preset,
         "deepspeed_config": json.dumps(trainer.resolved()["deepspeed"], sort_keys=True),
     }
     name = cfg.run_name or f"{cfg.stage}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from training.redact import redact
+
 
 class ConfigError(ValueError):
     """A configuration key or value that cannot be used; the message names the key and its source."""
@@ -125,7 +127,7 @@ class TrainConfig:
     val_dataset: str = ""  # defaults to the first dataset's val split
     out: str = ""
     preset: str = "tiny"
-    stage: str = "encoder"
+    stage: str = "pretrain"
     steps: int = 1000
     seed: int = 0
     checkpoint_every: int = 500
@@ -135,7 +137,7 @@ class TrainConfig:
     experiment: str = "selva-train"
     run_name: str = ""
     grad_accum: int = 1
-    zero_stage: int = 2
+    zero_stage: int = 2  # ZeRO 1 (optimizer state sharded) or 2 (also gradients)
     precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; or bf16 / fp32
     cfg_dropout: float = 0.1  # video conditions (clip + sync) together, text separately
     text_in_encoder: bool = True  # false: the "no text in the video encoder" ablation (MMAudio-style)
@@ -301,8 +303,9 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.checkpoint_every >= 1, f"checkpoint_every: must be >= 1, got {cfg.checkpoint_every}"),
         (cfg.keep_checkpoints >= 1, f"keep_checkpoints: must be >= 1, got {cfg.keep_checkpoints}"),
         (cfg.grad_accum >= 1, f"grad_accum: must be >= 1, got {cfg.grad_accum}"),
-        (cfg.zero_stage in (0, 1, 2), f"zero_stage: {cfg.zero_stage} is not 0, 1 or 2 (3 shards the frozen-weight "
-                                      f"forward of stage 1 for no gain at these sizes)"),
+        # 1 or 2: their optimizer skips a non-finite step on every rank (training/engine.py); stage 3 would
+        # also shard the weights, for no gain at these model sizes
+        (cfg.zero_stage in (1, 2), f"zero_stage: {cfg.zero_stage} is not 1 or 2"),
         (0.0 <= cfg.cfg_dropout < 1.0, f"cfg_dropout: must be in [0, 1), got {cfg.cfg_dropout}"),
         (cfg.loader.batch_size >= 1, f"loader.batch_size: must be >= 1, got {cfg.loader.batch_size}"),
         (cfg.optim.lr > 0, f"optim.lr: must be > 0, got {cfg.optim.lr}"),
@@ -313,6 +316,10 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.stage != "encoder" or cfg.text_in_encoder,
          "text_in_encoder: false leaves stage 'encoder' nothing to train (the ablation trains 'generator' "
          "on text-free video features)"),
+        (cfg.stage != "encoder" or bool(cfg.init.generator),
+         "init.generator: stage 'encoder' trains TextSynch through a frozen generator, which must be a trained "
+         "one (our final/ of a pretrain or generator run, or the official weights folder): a fresh generator's "
+         "zero-initialised output layer passes no gradient back"),
         (cfg.max_bad_steps >= 1, f"max_bad_steps: must be >= 1, got {cfg.max_bad_steps}"),
     ]
     for ok, message in checks:
@@ -321,16 +328,6 @@ def validate(cfg: TrainConfig) -> None:
 
 
 # ------------------------------------------------------------------------------------ output
-_URI_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<cred>[^/@\s]+)@")
-_SECRET_QUERY = re.compile(r"(?i)([?&](?:password|token|secret|key|access_key|sig)=)[^&\s]+")
-
-
-def redact(value: str) -> str:
-    """Hide credentials in URIs: ``https://user:pw@host`` -> ``https://***@host``; secret query values."""
-    value = _URI_CREDENTIALS.sub(lambda m: f"{m.group('scheme')}***@", value)
-    return _SECRET_QUERY.sub(r"\1***", value)
-
-
 def to_dict(cfg: TrainConfig, *, redacted: bool = True) -> dict[str, Any]:
     """The resolved config as plain data (tuples as lists), credentials redacted unless asked not to."""
 
@@ -373,9 +370,12 @@ RESUME_FREE = ("resume", "tracking_uri", "experiment", "run_name", "checkpoint_e
 
 
 def resume_fingerprint(cfg: TrainConfig) -> dict[str, str]:
-    """The flattened config minus :data:`RESUME_FREE`: what must be equal for an exact resume."""
+    """The flattened config minus :data:`RESUME_FREE` and the datasets' paths (the data itself is
+    compared by its fingerprint, so a dataset moved to another mount resumes): what must be equal."""
     flat = flatten(to_dict(cfg, redacted=True))
-    return {k: v for k, v in flat.items() if not any(k == f or k.startswith(f + ".") for f in RESUME_FREE)}
+    where = re.compile(r"dataset\.\d+\.path|val_dataset")
+    return {k: v for k, v in flat.items()
+            if not where.fullmatch(k) and not any(k == f or k.startswith(f + ".") for f in RESUME_FREE)}
 
 
 def config_hash(cfg: TrainConfig) -> str:

@@ -206,8 +206,12 @@ class Trainer:
         if self.world.is_main and self.ema is not None:
             self.ema.save(folder / "ema.pt")
         _kill_fault("save", self.step, self.world.rank)
-        # every rank learns the MLflow run id (known once rank 0's tracker thread created the run)
-        ids = [self.tracker.run_id if self.world.is_main and self.tracker is not None else None]
+        # every rank learns the MLflow run id, recorded in the marker so a resumed job continues the run;
+        # a short wait the first time only (the tracker's thread creates the run; an outage costs ≤ 5 s)
+        run_id = None
+        if self.world.is_main and self.tracker is not None:
+            run_id = self.tracker.run_id or (self.tracker.wait_run_id(5.0) if self.run_id is None else None)
+        ids = [run_id]
         dist.broadcast_object_list(ids, src=0)  # also the barrier: every rank's files are on disk
         self.run_id = ids[0] or self.run_id
         if self.world.is_main:
@@ -295,6 +299,44 @@ class Trainer:
         self.val_metrics = metrics
         return metrics
 
+    def count_nodes(self) -> int:
+        """Distinct (host, node rank) pairs over all ranks: launchers disagree on which variables they set."""
+        import socket
+
+        gathered: list[Any] = [None] * self.world.world_size
+        dist.all_gather_object(gathered, (socket.gethostname(), self.world.node_rank))
+        return len(set(gathered))
+
+    def system_metrics(self) -> dict[str, float]:
+        """Per-node system metrics, gathered to rank 0 (every rank takes part: a collective).
+
+        Each rank reports its process memory (and GPU memory); the node's figures are summed over its
+        ranks, with the host's CPU and memory use from one of them. Collected whatever the tracking
+        server does, so an outage loses only the values the tracker could not send."""
+        import psutil
+
+        proc = psutil.Process()
+        mine = {"node": self.world.node_rank, "rss_gb": proc.memory_info().rss / 2**30,
+                "cpu_percent": psutil.cpu_percent(interval=None), "host_mem_percent": psutil.virtual_memory().percent}
+        if torch.cuda.is_available():
+            mine["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            try:  # needs NVML (pynvml); without it the node simply has no utilisation figure
+                mine["gpu_util_percent"] = float(torch.cuda.utilization())
+            except Exception:  # noqa: BLE001 - a missing optional library, not an error of the run
+                pass
+        gathered: list[Any] = [None] * self.world.world_size
+        dist.all_gather_object(gathered, mine)
+        out: dict[str, float] = {}
+        for item in gathered:
+            prefix = f"system/node{item['node']}/"
+            for key in ("rss_gb", "gpu_peak_gb"):
+                if key in item:
+                    out[prefix + key] = out.get(prefix + key, 0.0) + item[key]
+            for key in ("cpu_percent", "host_mem_percent", "gpu_util_percent"):
+                if key in item:
+                    out[prefix + key] = item[key]
+        return out
+
     def log_metrics(self, on_log=None) -> None:
         s = self.stats
         metrics = {
@@ -310,8 +352,7 @@ class Trainer:
         metrics.update({k: v / max(1, s.batches) for k, v in s.mix.items()})
         errors = getattr(self.batches, "error_counts", {}) or {}
         metrics["data/skipped_samples"] = float(errors.get("sample", 0) + errors.get("shard", 0))
-        if torch.cuda.is_available():
-            metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        metrics.update(self.system_metrics())
         if self.tracker is not None:
             self.tracker.log_metrics(metrics, step=self.step)
         if on_log is not None:
@@ -324,7 +365,8 @@ class Trainer:
 
         ema = self.ema.export_weights() if self.ema is not None else None
         export_final(self.out, textsynch=self.models.textsynch, generator=self.models.generator,
-                     preset_name=self.cfg.preset, config=to_dict(self.cfg), ema_weights=ema)
+                     preset_name=self.cfg.preset, config=to_dict(self.cfg), ema_weights=ema,
+                     ema_sigma_rel=self.cfg.ema.export_sigma_rel if ema is not None else None)
         return self.out / "final"
 
     def resolved(self) -> dict[str, Any]:

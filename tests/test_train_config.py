@@ -1,0 +1,109 @@
+"""The trainer's config: YAML + dotted overrides, every mistake named before any process starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.train_launch import REPO, job_env
+from training.train_config import ConfigError, config_hash, flatten, load_config, redact, to_dict, to_yaml
+from training.train_data import preflight
+
+TINY = REPO / "configs" / "train" / "tiny.yaml"
+
+
+def test_defaults_are_mmaudios_recipe_and_overrides_apply_in_order():
+    cfg = load_config(None, ["dataset=/d", "out=/o"])
+    o = cfg.optim
+    assert (o.lr, o.betas, o.eps, o.weight_decay, o.warmup_steps, o.lr_milestones, o.lr_gamma, o.grad_clip) == (
+        1e-4, (0.9, 0.95), 1e-6, 1e-6, 1000, (0.8, 0.9), 0.1, 1.0)
+    assert cfg.cfg_dropout == 0.1 and cfg.zero_stage == 2 and cfg.ema.sigma_rels == (0.05, 0.1)
+    cfg = load_config(TINY, ["dataset=/d", "out=/o", "optim.lr=3e-4", "optim.lr=2e-4", "optim.betas=[0.8, 0.9]",
+                             "mixing.enabled=false", "init.generator=/w", "steps=7"])
+    assert cfg.optim.lr == 2e-4 and cfg.optim.betas == (0.8, 0.9) and cfg.mixing.enabled is False
+    assert cfg.init.generator == "/w" and cfg.steps == 7 and cfg.preset == "tiny"  # file + overrides
+    assert cfg.dataset[0].path == "/d" and cfg.dataset[0].weight == 1.0
+
+
+def test_mixing_follows_the_stage_unless_set():
+    assert load_config(None, ["dataset=/d", "out=/o", "stage=pretrain"]).mixing.enabled is False
+    assert load_config(None, ["dataset=/d", "out=/o", "stage=encoder", "init.generator=/g"]).mixing.enabled is True
+    assert load_config(None, ["dataset=/d", "out=/o", "stage=pretrain", "mixing.enabled=true"]).mixing.enabled
+
+
+def test_several_datasets_with_weights_from_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("dataset:\n  - {path: /a, weight: 5}\n  - /b\nout: /o\n")
+    cfg = load_config(path)
+    assert [(d.path, d.weight) for d in cfg.dataset] == [("/a", 5.0), ("/b", 1.0)]
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("stepz=3", "unknown key stepz (override 'stepz=3')"),
+    ("optim.lrr=1", "unknown key optim.lrr"),
+    ("steps=abc", "steps: 'abc' is not of type int"),
+    ("optim.lr=fast", "optim.lr: 'fast' is not of type float"),
+    ("optim.betas=[0.9]", "optim.betas: needs 2 values, got 1"),
+    ("mixing.enabled=maybe", "mixing.enabled: 'maybe' is not of type bool"),
+    ("stage=stage3", "stage: 'stage3' is not one of pretrain, encoder, generator"),
+    ("zero_stage=3", "zero_stage: 3 is not 1 or 2"),
+    ("steps", "override 'steps' is not key=value"),
+    ("stage=encoder", "init.generator: stage 'encoder' trains TextSynch through a frozen generator"),
+])
+def test_a_wrong_key_or_value_is_named(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["dataset=/d", "out=/o", override])
+    assert message in str(err.value)
+
+
+def test_a_wrong_key_in_the_file_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  lr: 1e-4\n  momentum: 0.9\n")
+    with pytest.raises(ConfigError, match=f"unknown key optim.momentum \\({path}\\)"):
+        load_config(path, ["dataset=/d", "out=/o"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_credentials_are_redacted_wherever_the_config_is_shown():
+    uri = "https://alice:s3cret@mlflow.example:5000/x?token=abc"
+    cfg = load_config(None, ["dataset=/d", "out=/o", f"tracking_uri={uri}"])
+    assert redact(cfg.tracking_uri) == "https://***@mlflow.example:5000/x?token=***"
+    for text in (to_yaml(cfg), str(flatten(to_dict(cfg)))):
+        assert "s3cret" not in text and "alice" not in text and "abc" not in text
+    assert cfg.tracking_uri.startswith("https://alice:s3cret@")  # the job itself still uses the real URI
+
+
+def test_the_resume_fingerprint_ignores_where_and_how_often_only():
+    base = ["dataset=/d", "out=/o"]
+    h = config_hash(load_config(None, base))
+    assert config_hash(load_config(None, [*base, "out=/elsewhere", "checkpoint_every=7", "tracking_uri=http://x",
+                                          "validation.every=3", "loader.prefetch_factor=4"])) == h
+    assert config_hash(load_config(None, ["dataset=/moved/d", "out=/o"])) == h  # the data is checked by content
+    for changed in ("optim.lr=3e-4", "steps=5", "loader.num_workers=3", "seed=1", "stage=generator"):
+        assert config_hash(load_config(None, [*base, changed])) != h, changed
+
+
+def test_preflight_names_the_dataset_that_does_not_fit(train_world, tmp_path):
+    with pytest.raises(ConfigError, match=f"dataset: {tmp_path / 'nope'} does not exist"):
+        preflight(load_config(None, [f"dataset={tmp_path / 'nope'}", "out=/o"]))
+    with pytest.raises(ConfigError, match="has no dataset.json"):
+        preflight(load_config(None, [f"dataset={tmp_path}", "out=/o"]))
+    with pytest.raises(ConfigError, match="was made for preset 'tiny'; this model is preset 'small_16k'"):
+        preflight(load_config(None, [f"dataset={train_world}", "out=/o", "preset=small_16k"]))
+    assert preflight(load_config(None, [f"dataset={train_world}", "out=/o"])).name == "tiny"
+
+
+def test_the_cli_prints_the_resolved_config_and_one_line_errors(train_world):
+    def selva(*args):
+        return subprocess.run([sys.executable, "-m", "selva_cli.main", "train", *args], cwd=REPO, env=job_env(),
+                              capture_output=True, text=True, timeout=120)
+
+    shown = selva("--config", str(TINY), f"dataset={train_world}", "out=/o", "tracking_uri=http://u:pw@h",
+                  "--print-config")
+    assert shown.returncode == 0 and "tracking_uri: http://***@h" in shown.stdout and "pw" not in shown.stdout
+    assert "lr: 0.001" in shown.stdout and "enabled: true" in shown.stdout
+    bad = selva("--config", str(TINY), "dataset=/no/such/dir", "out=/o")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["error: dataset: /no/such/dir does not exist"]

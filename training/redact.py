@@ -1,0 +1,20 @@
+"""Hiding secrets in anything the project prints or logs: credentials in URIs and secret query values.
+
+A tracking URI may carry ``user:password@``, a shard URL a signed query (``?token=...``, ``&sig=...``).
+Every place that shows a configuration value or an error that may quote one passes it through
+:func:`redact`. Standard library only: the tracking module (which depends on nothing of the project)
+uses it too.
+"""
+
+from __future__ import annotations
+
+import re
+
+_URI_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<cred>[^/@\s]+)@")
+_SECRET_QUERY = re.compile(r"(?i)([?&](?:password|passwd|token|secret|key|access_key|sig|signature)=)[^&\s]+")
+
+
+def redact(text: str) -> str:
+    """``https://user:pw@host/x?token=t`` -> ``https://***@host/x?token=***``; other text unchanged."""
+    text = _URI_CREDENTIALS.sub(lambda m: f"{m.group('scheme')}***@", text)
+    return _SECRET_QUERY.sub(r"\1***", text)

@@ -267,6 +267,12 @@ class Tracker:
                                    self._spec.run_id if self._spec else None, self._error, finished)
 
     @property
+    def warned(self) -> bool:
+        """Whether a warning line was printed (the caller then need not print the close summary too)."""
+        with self._lock:
+            return bool(self._warned)
+
+    @property
     def mlflow_thread_ids(self) -> frozenset[int]:
         """Idents of the threads that called MLflow (only the tracker's own thread, by design)."""
         with self._lock:

@@ -126,7 +126,7 @@ def run(cfg: TrainConfig) -> int:
         if tracker is not None:
             result = tracker.close(TRACKING_CLOSE_S, status=status)
             problem = result.problem(TRACKING_CLOSE_S)
-            if problem and not tracker.failed.is_set():  # one warning per job: the tracker's own, or this
+            if problem and not tracker.warned:  # one warning per job: the tracker's own, or this summary
                 print(f"warning: {problem}", file=sys.stderr, flush=True)
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -253,6 +253,22 @@ def test_a_closed_tracking_port_does_not_stop_training(train_world, tmp_path):
     assert "3 of 3" in result.stdout
 
 
+def test_too_many_non_finite_steps_in_a_row_stop_the_run(train_world, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "training.train", "--config", "configs/train/tiny.yaml", f"dataset={train_world}",
+           f"out={out}", "steps=10", "checkpoint_every=2", "max_bad_steps=3", "loader.batch_size=2",
+           "loader.num_workers=0", "validation.audio_clips=0", f"tracking_uri=http://127.0.0.1:{closed_port()}"]
+    result = run_job(cmd, env=job_env(SELVA_FAULT_NAN_STEP="3+:0"), timeout=300)
+    assert result.returncode == 1, explain(result)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "3 steps in a row had a non-finite loss or gradient (last at step 6)" in errors[0]
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert kept == ["step-00000002", "step-00000004"]  # none written after the stop; keep_checkpoints 2
+    state = json.loads((out / "checkpoints" / "step-00000004" / "trainer-rank00000.json").read_text())
+    assert state["skipped"] == 1 and state["bad_in_row"] == 1
+    assert not (out / "final").exists()
+
+
 # ------------------------------------------------------------------------------------- two nodes
 def _launch_two_nodes(args: list[str], port: int) -> list[subprocess.Popen]:
     return [start_job(torchrun_cmd(1, nodes=(2, node, port)) + args) for node in (0, 1)]

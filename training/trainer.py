@@ -29,7 +29,7 @@ from training.train_config import TrainConfig, config_hash, resume_fingerprint, 
 from training.train_data import build_batches, dataset_fingerprint
 from training.train_models import build_models, ema_module
 
-# test hooks (tests/test_train_resume.py): "STEP:RANK" makes that rank's loss NaN at that step;
+# test hooks (tests/test_train.py): "STEP:RANK" makes that rank's loss NaN at that step ("STEP+:RANK": from it on);
 # "step:N" / "save:N" SIGKILLs the whole process group (launcher included) after step N, or while the
 # checkpoint of step N is half written (before its marker): a pre-emption at the worst moment.
 NAN_FAULT_ENV = "SELVA_FAULT_NAN_STEP"
@@ -152,8 +152,10 @@ class Trainer:
         spec = os.environ.get(NAN_FAULT_ENV, "")
         if not spec:
             return False
-        step, rank = (int(x) for x in spec.split(":"))
-        return step == self.step and rank == self.world.rank
+        step, rank = spec.split(":")
+        onwards = step.endswith("+")  # "3+:0": every step from 3 on
+        first = int(step.rstrip("+"))
+        return int(rank) == self.world.rank and (self.step >= first if onwards else self.step == first)
 
     def train_step(self) -> tuple[float, bool]:
         """One optimizer step over ``grad_accum`` micro-batches; returns (this rank's mean loss, applied)."""

@@ -106,14 +106,13 @@ def train_stage(stage: str, dataset: Path, outs: dict[str, Path], args: argparse
 
 # ------------------------------------------------------------------------------------------ evaluation
 def derangement(kinds: list[str], rng: np.random.Generator, *, same: bool) -> list[int] | None:
-    """A permutation p of the batch with p[i] != i and kinds[p[i]] != kinds[i] (``same``: ==), or None."""
+    """A permutation p of the batch with kinds[p[i]] != kinds[i] (``same``: == and p[i] != i, but for a
+    kind met once in the batch, whose samples keep p[i] == i and are left out of that condition), or None."""
     n = len(kinds)
-    if same:  # a cycle within each kind (each kind needs two or more samples in the batch)
+    if same:  # a cycle within each kind
         p = list(range(n))
-        for kind in set(kinds):
+        for kind in sorted(set(kinds)):
             group = [int(i) for i in rng.permutation([i for i in range(n) if kinds[i] == kind])]
-            if len(group) < 2:
-                return None
             for k, i in enumerate(group):
                 p[i] = group[(k + 1) % len(group)]
         return p
@@ -164,6 +163,8 @@ def evaluate(final: Path, stage: str, dataset: Path, draws: int) -> tuple[dict, 
             info = mixed["mix"]
             ok_mix = [bool(info.mixed[i]) for i in range(len(kinds))]
             partner = [int(info.partner[i]) if ok_mix[i] else i for i in range(len(kinds))]
+            moved = {"true": None, "mixed_true": None, "mixed_partner": None, "prompt_shuffled": other,
+                     "video_shuffled": other, "video_same_kind": same}
             conds = {"true": plain, "mixed_true": mixed, "mixed_partner": _take(mixed, PROMPT_KEYS, partner)}
             if other is not None:
                 conds["prompt_shuffled"] = _take(plain, PROMPT_KEYS, other)
@@ -180,6 +181,8 @@ def evaluate(final: Path, stage: str, dataset: Path, draws: int) -> tuple[dict, 
                 for i, key in enumerate(batch["key"]):
                     if name.startswith("mixed") and not ok_mix[i]:
                         continue  # no partner of another prompt in the batch: not a mixed clip
+                    if moved[name] is not None and moved[name][i] == i:
+                        continue  # the only sample of its kind in the batch: nothing to swap with
                     per_clip[name].setdefault(key, float(total[i]) / draws)
     n = len(per_clip["true"])
     return per_clip, n
@@ -265,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                      "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
                      "stages": {}}
+    path = args.json or args.out / "learning.json"
+    if path.is_file():  # stages of an earlier call into the same folder (--stages runs a part of the chain)
+        results["stages"] = {s: r for s, r in json.loads(path.read_text())["stages"].items() if s not in args.stages}
     t0 = time.perf_counter()
     if not (dataset / "dataset.json").is_file():
         write_train_world(dataset, train=args.train, val=args.val, samples_per_shard=EVAL_BATCH)
@@ -279,11 +285,11 @@ def main(argv: list[str] | None = None) -> int:
                                     "eval_s": time.perf_counter() - t0}
         print(f"{stage}: train {train['first20']:.3f} -> {train['last20']:.3f} in {train['wall_s']:.0f} s; "
               f"eval {results['stages'][stage]['eval']['mean']}", file=sys.stderr, flush=True)
+        path.write_text(json.dumps(results, indent=1))
     results["total_s"] = time.perf_counter() - t_all
     text = table(results)
     print(text)
     print(f"\nworld {results['world_s']:.0f} s, total {results['total_s']:.0f} s, {results['machine']}")
-    path = args.json or args.out / "learning.json"
     path.write_text(json.dumps(results, indent=1))
     return 0
 

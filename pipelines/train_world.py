@@ -77,12 +77,14 @@ class WorldSpec:
     events: tuple[int, int] = (2, 4)  # events per clip, drawn in [lo, hi]
     min_gap: int = 10  # frames between two onsets (0.4 s: bursts and flashes never overlap)
     act_frames: int = 3  # frames the object stays bright and grown after an onset (120 ms)
-    burst_s: float = 0.1  # length of a tone burst
-    decay_s: float = 0.03  # its exponential decay constant
+    burst_s: float = 0.2  # length of a tone burst (~6 latent frames: timing is a visible part of the loss)
+    decay_s: float = 0.08  # its exponential decay constant
     noise_rms: float = 0.0005  # a faint noise floor, so that no codec band is constant over the split
-    size: int = 14  # the object's side at rest, pixels; it grows by half while it acts
+    # big and dim at rest, bright when acting: a flash changes several 16-pixel patches, so even a freshly
+    # initialised backbone's features follow it (a 14-pixel square left them almost input-independent)
+    size: int = 24  # the object's side at rest, pixels; it grows by half while it acts
     background: int = 16  # grey level of the dark background
-    rest_level: float = 0.3  # the object's brightness at rest, a fraction of its colour
+    rest_level: float = 0.15  # the object's brightness at rest, a fraction of its colour
     seed: int = 0
 
 
@@ -158,7 +160,8 @@ def world_clip(index: int, spec: WorldSpec) -> WorldClip:
     burst = np.sin(2 * np.pi * obj.pitch_hz * t) * np.exp(-t / spec.decay_s) * ramp
     for onset in onsets:
         start = round(onset / seq.sync_frame_rate * rate)  # the burst starts with its flash's first frame
-        audio[start : start + len(burst)] += burst
+        end = min(len(audio), start + len(burst))  # a burst near the end is cut where the clip ends
+        audio[start:end] += burst[: end - start]
     audio *= TRAIN_PEAK / np.max(np.abs(audio))  # what decode_clip does to a file's audio
     return WorldClip(index, kind, world_clip_prompt(index, spec), onsets, centre, frames, audio.astype(np.float32))
 

@@ -51,11 +51,29 @@ def test_several_datasets_with_weights_from_yaml(tmp_path):
     ("zero_stage=3", "zero_stage: 3 is not 1 or 2"),
     ("steps", "override 'steps' is not key=value"),
     ("stage=encoder", "init.generator: stage 'encoder' trains TextSynch through a frozen generator"),
+    ("log_every=0", "log_every: must be >= 1, got 0"),
+    ("optim.betas=[2, 3]", "optim.betas: each in [0, 1), got [2.0, 3.0]"),
+    ("optim.lr=.inf", "optim.lr: must be finite"),
+    ("optim.lr_milestones=[0.9, 0.5]", "optim.lr_milestones: must be ascending"),
+    ("ema.sigma_rels=[]", "ema.sigma_rels: at least two distinct values, got []"),
+    ("ema.snapshot_every=0", "ema.update_every and ema.snapshot_every: must be >= 1"),
+    ("loader.num_workers=-1", "loader.num_workers: must be >= 0, got -1"),
+    ("mixing.prob=2", "mixing.prob: must be in [0, 1], got 2.0"),
+    ("collective_timeout_s=0", "collective_timeout_s: must be > 0"),
+    ("dataset.weight=2", "dataset: give a path (dataset=DIR) or, in the config file, a list"),
+    ("dataset=", "dataset: empty"),
 ])
 def test_a_wrong_key_or_value_is_named(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, ["dataset=/d", "out=/o", override])
     assert message in str(err.value)
+
+
+def test_numbers_in_a_yaml_file_are_read_as_yaml_1_2_would(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 1e-4\n  eps: 1E-6\n")  # PyYAML (YAML 1.1) returns these as strings
+    cfg = load_config(path, ["dataset=/d", "out=/o"])
+    assert cfg.optim.lr == 1e-4 and cfg.optim.eps == 1e-6
 
 
 def test_a_wrong_key_in_the_file_names_the_file(tmp_path):
@@ -65,6 +83,16 @@ def test_a_wrong_key_in_the_file_names_the_file(tmp_path):
         load_config(path, ["dataset=/d", "out=/o"])
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(("uri", "shown"), [
+    ("https://alice:p@ss@host/x", "https://***@host/x"),
+    ("http://h:9/m?access_token=T0P&api_key=K2&run=3", "http://h:9/m?access_token=***&api_key=***&run=3"),
+    ("s3://b/k?X-Amz-Signature=abc&X-Amz-Credential=AK/1&x=1", "s3://b/k?X-Amz-Signature=***&X-Amz-Credential=***&x=1"),
+    ("sqlite:////tmp/a@b/mlflow.db", "sqlite:////tmp/a@b/mlflow.db"),
+])
+def test_redaction_of_uris(uri, shown):
+    assert redact(uri) == shown
 
 
 def test_credentials_are_redacted_wherever_the_config_is_shown():
@@ -94,6 +122,37 @@ def test_preflight_names_the_dataset_that_does_not_fit(train_world, tmp_path):
     with pytest.raises(ConfigError, match="was made for preset 'tiny'; this model is preset 'small_16k'"):
         preflight(load_config(None, [f"dataset={train_world}", "out=/o", "preset=small_16k"]))
     assert preflight(load_config(None, [f"dataset={train_world}", "out=/o"])).name == "tiny"
+    with pytest.raises(ConfigError, match=f"init.generator: {tmp_path / 'gone'} does not exist"):
+        preflight(load_config(None, [f"dataset={train_world}", "out=/o", f"init.generator={tmp_path / 'gone'}"]))
+
+
+def test_preflight_refuses_a_dataset_whose_encoders_do_not_fit(train_world, tmp_path):
+    import json
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(train_world, other)
+    info = json.loads((other / "dataset.json").read_text())
+    info["encoders"]["t5"] = {"name": "flan-t5-large", "dim": 1024}
+    (other / "dataset.json").write_text(json.dumps(info))
+    with pytest.raises(ConfigError, match="encoders.t5.dim = 1024 \\(flan-t5-large\\); preset tiny takes 64"):
+        preflight(load_config(None, [f"dataset={other}", "out=/o"]))
+    info["encoders"]["t5"] = {"name": "another-t5", "dim": 64}
+    (other / "dataset.json").write_text(json.dumps(info))
+    with pytest.raises(ConfigError, match="was made with other encoders than"):
+        preflight(load_config(None, [f"dataset={train_world}", f"dataset=[{train_world}, {other}]", "out=/o"]))
+
+
+def test_resume_never_sets_the_earlier_run_aside(tmp_path):
+    from training.checkpoints import set_aside_previous
+
+    for name in ("checkpoints/step-00000002", "final", "ema_snapshots"):
+        (tmp_path / name).mkdir(parents=True)
+    (tmp_path / "checkpoints/step-00000002/complete.json").write_text("{}")
+    aside = set_aside_previous(tmp_path)
+    assert aside is not None and (aside / "checkpoints/step-00000002/complete.json").is_file()
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "final").exists()
+    assert set_aside_previous(tmp_path) is None  # nothing left to move
 
 
 def test_the_cli_prints_the_resolved_config_and_one_line_errors(train_world):

@@ -132,6 +132,23 @@ def check_resumable(found: Found, *, world_size: int, config_hash: str, config: 
         )
 
 
+def set_aside_previous(out: Path) -> Path | None:
+    """``resume=never`` in a folder that holds an earlier run: move its checkpoints, EMA snapshots, final
+    export and validation files into ``out/previous-<time>/`` (nothing is deleted), so the new run's
+    checkpoints are never mixed with, or pruned in favour of, the old run's. Returns the folder, if any."""
+    import time
+
+    names = [n for n in ("checkpoints", "ema_snapshots", "final", "validation") if (out / n).exists()]
+    if not names:
+        return None
+    aside = out / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir(parents=True, exist_ok=False)
+    for name in names:
+        os.replace(out / name, aside / name)
+    print(f"resume=never: the earlier run's {', '.join(names)} moved to {aside}", flush=True)
+    return aside
+
+
 def clean_incomplete(root: Path, keep: int) -> None:
     """Rank 0, after a marker: drop folders without a marker and all but the newest ``keep`` complete ones."""
     complete = complete_checkpoints(root)

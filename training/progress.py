@@ -37,12 +37,13 @@ class Progress:
 def print_summary(trainer: Any, summary: dict[str, Any], final: Path) -> None:
     """The end-of-run table (stdout): what ran, how fast, where the results are."""
     losses = [x for x in trainer.losses if x == x]
-    first = sum(losses[:10]) / max(1, len(losses[:10])) if losses else float("nan")
-    last = sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else float("nan")
+    n = max(1, min(10, len(losses) // 2))  # first and last n steps never overlap
+    first = sum(losses[:n]) / n if losses else float("nan")
+    last = sum(losses[-n:]) / n if losses else float("nan")
     rows = [
         ("stage", trainer.cfg.stage),
         ("steps (this job)", f"{summary.get('steps', 0)} of {trainer.cfg.steps}"),
-        ("loss (first 10 -> last 10 steps)", f"{first:.4f} -> {last:.4f}"),
+        (f"loss (first {n} -> last {n} steps)", f"{first:.4f} -> {last:.4f}"),
         ("skipped steps (non-finite)", str(trainer.skipped)),
         ("val loss (last validation)", f"{trainer.val_metrics['val/loss']:.4f}" if trainer.val_metrics.get("val/loss")
          is not None else "-"),

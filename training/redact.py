@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import re
 
-_URI_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<cred>[^/@\s]+)@")
-_SECRET_QUERY = re.compile(r"(?i)([?&](?:password|passwd|token|secret|key|access_key|sig|signature)=)[^&\s]+")
+# greedy up to the last "@" before the path: a password holding a raw "@" is hidden whole
+_URI_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<cred>[^/?#\s]*)@")
+# any query parameter whose name mentions a secret: access_token, api_key, X-Amz-Signature, X-Amz-Credential ...
+_SECRET_QUERY = re.compile(
+    r"(?i)([?&][^=&\s]*(?:password|passwd|token|secret|key|sig|signature|credential|auth)[^=&\s]*=)[^&\s]+")
 
 
 def redact(text: str) -> str:

@@ -87,8 +87,9 @@ def run(cfg: TrainConfig) -> int:
     from training.engine import init_world
     from training.progress import Progress, print_summary
     from training.train_data import dataset_fingerprint, preflight
-    from training.trainer import Trainer, TrainingStopped, find_resume
+    from training.trainer import Trainer, TrainingStopped, find_resume, install_signal_handlers
 
+    install_signal_handlers()
     preflight(cfg)
     world = init_world(cfg)
     tracker = None
@@ -102,7 +103,6 @@ def run(cfg: TrainConfig) -> int:
                 print(f"resuming from {found.folder} (step {found.step})", file=sys.stderr, flush=True)
         tracker = start_tracking(cfg, trainer, world)
         trainer.tracker = tracker
-        trainer.install_signal_handlers()
         progress = Progress(cfg.steps, trainer.step, enabled=world.is_main)
         try:
             summary = trainer.run(on_step=progress.update, on_log=progress.log)

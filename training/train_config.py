@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -157,6 +158,8 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 
 # ------------------------------------------------------------------------------------ type checking
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
 def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -198,6 +201,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):  # YAML 1.1 reads 1e-4 as a string
+            return float(value)
         raise bad
     if tp is str:
         if isinstance(value, str):
@@ -232,10 +237,15 @@ def _build(cls: type, values: dict[str, Any], prefix: str, source: str, base: An
 
 def _datasets(value: Any, source: str) -> list[DatasetEntry]:
     """``dataset``: a path, a list of paths, or a list of ``{path, weight}`` mappings."""
+    if isinstance(value, dict):  # dataset.weight=2 would silently replace the whole list
+        raise ConfigError(f"dataset: give a path (dataset=DIR) or, in the config file, a list of paths or "
+                          f"{{path, weight}} entries; {value!r} is neither ({source})")
+    if value in ("", None, []):
+        raise ConfigError(f"dataset: empty ({source}); give dataset=DIR")
     items = value if isinstance(value, list) else [value]
     out = []
     for i, item in enumerate(items):
-        if isinstance(item, str):
+        if isinstance(item, str) and item.strip():
             out.append(DatasetEntry(path=item))
         elif isinstance(item, dict):
             out.append(_build(DatasetEntry, item, f"dataset[{i}].", source))
@@ -321,6 +331,30 @@ def validate(cfg: TrainConfig) -> None:
          "one (our final/ of a pretrain or generator run, or the official weights folder): a fresh generator's "
          "zero-initialised output layer passes no gradient back"),
         (cfg.max_bad_steps >= 1, f"max_bad_steps: must be >= 1, got {cfg.max_bad_steps}"),
+        (cfg.log_every >= 1, f"log_every: must be >= 1, got {cfg.log_every}"),
+        (cfg.collective_timeout_s > 0, f"collective_timeout_s: must be > 0, got {cfg.collective_timeout_s}"),
+        (math.isfinite(cfg.optim.lr), f"optim.lr: must be finite, got {cfg.optim.lr}"),
+        (all(0.0 <= b < 1.0 for b in cfg.optim.betas), f"optim.betas: each in [0, 1), got {list(cfg.optim.betas)}"),
+        (cfg.optim.eps > 0 and cfg.optim.weight_decay >= 0, "optim.eps must be > 0 and optim.weight_decay >= 0"),
+        (cfg.optim.warmup_steps >= 0, f"optim.warmup_steps: must be >= 0, got {cfg.optim.warmup_steps}"),
+        (list(cfg.optim.lr_milestones) == sorted(cfg.optim.lr_milestones), "optim.lr_milestones: must be ascending"),
+        (0 < cfg.optim.lr_gamma <= 1, f"optim.lr_gamma: must be in (0, 1], got {cfg.optim.lr_gamma}"),
+        (cfg.optim.grad_clip >= 0, f"optim.grad_clip: must be >= 0 (0: off), got {cfg.optim.grad_clip}"),
+        (0.0 <= cfg.mixing.prob <= 1.0, f"mixing.prob: must be in [0, 1], got {cfg.mixing.prob}"),
+        (cfg.mixing.alpha > 0, f"mixing.alpha: must be > 0, got {cfg.mixing.alpha}"),
+        (0.0 <= cfg.mixing.min_lambda < 0.5, f"mixing.min_lambda: must be in [0, 0.5), got {cfg.mixing.min_lambda}"),
+        (cfg.loader.num_workers >= 0, f"loader.num_workers: must be >= 0, got {cfg.loader.num_workers}"),
+        (cfg.loader.shuffle_buffer >= 0, f"loader.shuffle_buffer: must be >= 0, got {cfg.loader.shuffle_buffer}"),
+        (cfg.loader.prefetch_factor >= 1, f"loader.prefetch_factor: must be >= 1, got {cfg.loader.prefetch_factor}"),
+        (len(set(cfg.ema.sigma_rels)) == len(cfg.ema.sigma_rels) >= 2,
+         f"ema.sigma_rels: at least two distinct values, got {list(cfg.ema.sigma_rels)}"),
+        (all(0 < x < 0.28 for x in (*cfg.ema.sigma_rels, cfg.ema.export_sigma_rel)),
+         "ema.sigma_rels / ema.export_sigma_rel: each in (0, 0.28) (Karras et al.'s power-function EMA)"),
+        (cfg.ema.update_every >= 1 and cfg.ema.snapshot_every >= 1,
+         "ema.update_every and ema.snapshot_every: must be >= 1"),
+        (cfg.validation.every >= 0 and cfg.validation.batches >= 0 and cfg.validation.audio_clips >= 0
+         and cfg.validation.sampling_steps >= 1,
+         "validation: every, batches and audio_clips must be >= 0 and sampling_steps >= 1"),
     ]
     for ok, message in checks:
         if not ok:

@@ -53,7 +53,30 @@ def preflight(cfg: TrainConfig) -> ModelPreset:
                                   f"{preset.name} needs {value}")
         if not info.clips.get("train"):
             raise ConfigError(f"dataset: {path} has no train split")
+        _check_encoders(path, info.encoders, preset)
+    if len(cfg.dataset) > 1:  # mixed datasets must speak the same feature language
+        first = read_dataset_info(cfg.dataset[0].path).encoders
+        for entry in cfg.dataset[1:]:
+            other = read_dataset_info(entry.path).encoders
+            if other != first:
+                raise ConfigError(f"dataset: {entry.path} was made with other encoders than {cfg.dataset[0].path} "
+                                  f"({other} vs {first}); their features cannot be mixed in one model")
+    for key in ("textsynch", "generator", "backbone"):
+        value = getattr(cfg.init, key)
+        if value and "://" not in value and not Path(value).exists():
+            raise ConfigError(f"init.{key}: {value} does not exist")
     return preset
+
+
+def _check_encoders(path: Path, encoders: dict, preset: ModelPreset) -> None:
+    """The feature widths ``dataset.json`` records against what the preset's modules take."""
+    wanted = {("t5", "dim"): preset.textsynch.text_dim, ("clip_text", "dim"): preset.generator.text_dim,
+              ("codec", "latent_dim"): preset.generator.latent_dim}
+    for (role, field), value in wanted.items():
+        have = encoders.get(role, {}).get(field)
+        if have is not None and int(have) != int(value):
+            raise ConfigError(f"dataset: {path}/dataset.json has encoders.{role}.{field} = {have} "
+                              f"({encoders[role].get('name', '?')}); preset {preset.name} takes {value}")
 
 
 def dataset_fingerprint(cfg: TrainConfig) -> str:

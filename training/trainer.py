@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,20 @@ KILL_FAULT_ENV = "SELVA_FAULT_KILL"
 def _kill_fault(where: str, step: int, rank: int) -> None:
     if rank == 0 and os.environ.get(KILL_FAULT_ENV) == f"{where}:{step}":
         os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+_STOP = threading.Event()
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM and SIGUSR1 (Slurm's pre-emption signals) ask for a checkpoint at the next step boundary;
+    installed first thing in the job, so a signal during start-up is not lost either."""
+
+    def request_stop(signum, frame):  # noqa: ARG001 - signal handler signature
+        _STOP.set()
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, request_stop)
 
 
 class TrainingStopped(RuntimeError):
@@ -82,6 +97,7 @@ def find_resume(cfg: TrainConfig, world: World, dataset_fp: str) -> ck.Found | N
 def _pick_checkpoint(cfg: TrainConfig, world: World, dataset_fp: str) -> ck.Found | None:
     root = Path(cfg.out) / "checkpoints"
     if cfg.resume == "never":
+        ck.set_aside_previous(Path(cfg.out))
         return None
     if cfg.resume == "auto":
         found = ck.complete_checkpoints(root)
@@ -134,18 +150,16 @@ class Trainer:
 
         self.validator = Validator(cfg, self.objective, rank=world.rank, world_size=world.world_size,
                                    device=world.device, out_dir=self.out)
-        self.stop_requested = False
         self.losses: list[float] = []  # per-step mean loss over all ranks (what tests compare)
         self.val_metrics: dict[str, float] = {}
+        self.validated_at = -1
+        self._waited_for_run_id = False
         self.stats = StepStats()
 
     # ------------------------------------------------------------------------------ signals
-    def install_signal_handlers(self) -> None:
-        def request_stop(signum, frame):  # noqa: ARG001 - signal handler signature
-            self.stop_requested = True
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, request_stop)
+    @property
+    def stop_requested(self) -> bool:
+        return _STOP.is_set()
 
     # ------------------------------------------------------------------------------ one step
     def _nan_fault(self) -> bool:
@@ -212,7 +226,10 @@ class Trainer:
         # a short wait the first time only (the tracker's thread creates the run; an outage costs ≤ 5 s)
         run_id = None
         if self.world.is_main and self.tracker is not None:
-            run_id = self.tracker.run_id or (self.tracker.wait_run_id(5.0) if self.run_id is None else None)
+            run_id = self.tracker.run_id
+            if run_id is None and self.run_id is None and not self._waited_for_run_id:
+                self._waited_for_run_id = True  # once per job: an outage must not cost every checkpoint
+                run_id = self.tracker.wait_run_id(5.0)
         ids = [run_id]
         dist.broadcast_object_list(ids, src=0)  # also the barrier: every rank's files are on disk
         self.run_id = ids[0] or self.run_id
@@ -286,6 +303,8 @@ class Trainer:
                     print(f"stop signal: checkpoint at step {self.step} written; resume with resume=auto",
                           file=sys.stderr, flush=True)
                 return {"stopped_at": self.step, "signal": True}
+        if self.validated_at != self.step and self.validator.due(self.step):
+            self.validate()  # resumed from the last checkpoint: the end-of-run validation is still owed
         elapsed = time.perf_counter() - t_start
         return {"steps": self.step - step_start, "elapsed_s": elapsed, "skipped": self.skipped,
                 "final_loss": self.losses[-1] if self.losses else float("nan")}
@@ -293,6 +312,7 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Val loss (every rank takes part) and val audio (rank 0), logged to MLflow."""
         metrics, files = self.validator.run(self.step)
+        self.validated_at = self.step
         if self.tracker is not None:
             if metrics:
                 self.tracker.log_metrics(metrics, step=self.step)

@@ -177,7 +177,8 @@ def _state(out: Path, step: int) -> tuple[list[dict], dict[str, torch.Tensor], d
     return ranks, module, ema
 
 
-def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float = 1e-6) -> float:
+def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The largest absolute difference over the tensors of two states with the same keys."""
     assert a.keys() == b.keys()
     return max((x.float() - b[k].float()).abs().max().item() for k, x in a.items())
 

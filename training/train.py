@@ -95,8 +95,9 @@ def run(cfg: TrainConfig) -> int:
     tracker = None
     status = "FAILED"
     try:
-        found = find_resume(cfg, world, dataset_fingerprint(cfg))
-        trainer = Trainer(cfg, world)
+        dataset_fp = dataset_fingerprint(cfg)
+        found = find_resume(cfg, world, dataset_fp)
+        trainer = Trainer(cfg, world, dataset_fp=dataset_fp)
         if found is not None:
             trainer.load_checkpoint(found)
             if world.is_main:

@@ -1,8 +1,8 @@
 """The training loop: one :class:`Trainer` per process, all ranks in lock step.
 
 Per optimizer step: ``grad_accum`` micro-batches (forward = the loss inside DeepSpeed's engine,
-backward, ``engine.step()``), then one small all-reduce that carries the loss sums and two flags —
-"a stop signal arrived here" and "stop after this step" — so every rank takes the same decisions at
+backward, ``engine.step()``), then one small all-reduce that carries the loss sum, the finite count
+and the flag "a stop signal arrived here", so every rank takes the same decisions at
 the same step (no rank waits at a collective the others skipped). Then the EMA update (only when the
 step was applied), metrics (rank 0, through the non-blocking tracker), a checkpoint when due or when
 SIGTERM/SIGUSR1 arrived (Slurm's pre-emption signals), validation when due.
@@ -115,7 +115,8 @@ def _pick_checkpoint(cfg: TrainConfig, world: World, dataset_fp: str) -> ck.Foun
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, world: World, *, batches: Any = None, tracker: Any = None):
+    def __init__(self, cfg: TrainConfig, world: World, *, batches: Any = None, tracker: Any = None,
+                 dataset_fp: str | None = None):
         """``batches``: an iterator of batches to use instead of the datasets' loaders (tests of the
         engine feed fixed batches this way); ``tracker``: a started :class:`training.tracking.Tracker`
         (rank 0) or None."""
@@ -145,7 +146,8 @@ class Trainer:
         self.bad_in_row = 0
         self.run_id: str | None = None
         self.config_hash = config_hash(cfg)
-        self.dataset_fp = dataset_fingerprint(cfg) if batches is None else "fixed-batches"
+        # the caller may already hold it (train.py computes it once, for the resume decision)
+        self.dataset_fp = dataset_fp or (dataset_fingerprint(cfg) if batches is None else "fixed-batches")
         from training.validation import Validator
 
         self.validator = Validator(cfg, self.objective, rank=world.rank, world_size=world.world_size,
@@ -192,15 +194,14 @@ class Trainer:
                     self.stats.mix[k] = self.stats.mix.get(k, 0.0) + v
         return sum(losses) / len(losses), self.engine.was_step_applied()
 
-    def _agree(self, loss: float, stop_after: bool) -> tuple[float, bool, bool]:
-        """All-reduce (loss sum, finite count, stop signal, stop-after) so every rank decides alike."""
+    def _agree(self, loss: float) -> tuple[float, bool]:
+        """All-reduce (loss sum, finite count, stop signal) so every rank decides alike."""
         finite = loss == loss and abs(loss) != float("inf")
-        t = torch.tensor([loss if finite else 0.0, float(finite), float(self.stop_requested), float(stop_after)],
-                         dtype=torch.float64)
+        t = torch.tensor([loss if finite else 0.0, float(finite), float(self.stop_requested)], dtype=torch.float64)
         dist.all_reduce(t)
         n = int(t[1])
         mean = float(t[0]) / n if n else float("nan")
-        return mean, bool(t[2] > 0), bool(t[3] > 0)
+        return mean, bool(t[2] > 0)
 
     # ------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
@@ -268,7 +269,7 @@ class Trainer:
             t0 = time.perf_counter()
             local_loss, applied = self.train_step()
             self.stats.step_s += time.perf_counter() - t0
-            loss, stop_signal, _ = self._agree(local_loss, False)
+            loss, stop_signal = self._agree(local_loss)
             if self.ema is not None:  # also after a skipped step (weights unchanged): EMA counts optimizer steps
                 self.ema.update(self.step + 1)
             if applied:

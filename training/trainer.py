@@ -3,8 +3,8 @@
 Per optimizer step: ``grad_accum`` micro-batches (forward = the loss inside DeepSpeed's engine,
 backward, ``engine.step()``), then one small all-reduce that carries the loss sum, the finite count
 and the flag "a stop signal arrived here", so every rank takes the same decisions at
-the same step (no rank waits at a collective the others skipped). Then the EMA update (only when the
-step was applied), metrics (rank 0, through the non-blocking tracker), a checkpoint when due or when
+the same step (no rank waits at a collective the others skipped). Then the EMA update (rank 0, every
+step: a skipped step leaves the weights unchanged and the EMA counts optimizer steps), metrics (rank 0, through the non-blocking tracker), a checkpoint when due or when
 SIGTERM/SIGUSR1 arrived (Slurm's pre-emption signals), validation when due.
 """
 

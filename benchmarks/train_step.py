@@ -50,7 +50,8 @@ class PlainLoop:
     def __init__(self, cfg):
         torch.manual_seed(cfg.seed)  # as Trainer.__init__: the same fresh initialisation
         models = build_models(cfg)
-        self.named = set_stage_trainable(models.textsynch, models.generator, cfg.stage)
+        self.named = set_stage_trainable(models.textsynch, models.generator, cfg.stage,
+                                         pretrain_backbone=cfg.pretrain_backbone)
         self.params = [p for _, p in self.named]
         self.objective = SelvaObjective(models.textsynch, models.generator, stage=cfg.stage,
                                         text_in_encoder=cfg.text_in_encoder, cfg_dropout=cfg.cfg_dropout,

@@ -42,6 +42,9 @@ def test_each_stage_trains_its_set(modules):
     assert all(n.startswith(("textsynch.vfeat_extractor.", "generator.")) for n in pretrain)
     assert not any(".patch_embed." in n for n in pretrain)  # unused 2-D embedding: never a gradient
     assert not any(n.split(".")[-1] in GENERATOR_FROZEN for n in pretrain)
+    generator_only = dict(set_stage_trainable(ts, gen, "pretrain", pretrain_backbone=False))
+    assert set(generator_only) == {n for n in pretrain if n.startswith("generator.")}
+    assert not any(p.requires_grad for p in ts.parameters())
     encoder = set_stage_trainable(ts, gen, "encoder")
     assert {id(p) for _, p in encoder} == {id(p) for p in ts.trainable_parameters()}
     generator = dict(set_stage_trainable(ts, gen, "generator"))

@@ -77,7 +77,9 @@ def test_each_stage_trains_its_parameters_only(stage_runs, stage):
     ts, gen = _final_state(out, "textsynch"), _final_state(out, "generator")
     if stage == "pretrain":
         start_ts = start_gen = None
-        assert engine and all(k.startswith(("textsynch.vfeat_extractor.", "generator.")) for k in engine)
+        # tiny.yaml keeps the random-init backbone fixed in pretrain (pretrain_backbone: false); the joint
+        # set (backbone too) is trained by the DP-equivalence jobs, which use the defaults
+        assert engine and all(k.startswith("generator.") for k in engine)
         assert not any(k.endswith(("latent_mean", "latent_std", "empty_string_feat")) for k in engine)
     else:
         # frozen: bit-identical to the weights the stage started from

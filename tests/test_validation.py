@@ -50,7 +50,7 @@ def world(train_world, tmp_path_factory):
     cfg = _config(train_world, tmp_path_factory.mktemp("val-out"))
     torch.manual_seed(0)
     models = build_models(cfg)
-    set_stage_trainable(models.textsynch, models.generator, cfg.stage)
+    set_stage_trainable(models.textsynch, models.generator, cfg.stage, pretrain_backbone=cfg.pretrain_backbone)
     objective = SelvaObjective(models.textsynch, models.generator, stage=cfg.stage, text_in_encoder=True,
                                cfg_dropout=cfg.cfg_dropout, seed=cfg.seed)
     return cfg, objective

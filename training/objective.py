@@ -38,14 +38,19 @@ from selva.textsynch import TextSynch
 STAGES = ("pretrain", "encoder", "generator")
 
 
-def set_stage_trainable(textsynch: TextSynch, generator: Generator, stage: str) -> list[tuple[str, nn.Parameter]]:
-    """Set ``requires_grad`` for ``stage``; returns the trained parameters as (qualified name, parameter)."""
+def set_stage_trainable(textsynch: TextSynch, generator: Generator, stage: str, *, pretrain_backbone: bool = True
+                        ) -> list[tuple[str, nn.Parameter]]:
+    """Set ``requires_grad`` for ``stage``; returns the trained parameters as (qualified name, parameter).
+
+    ``pretrain_backbone`` (stage ``pretrain`` only): train the video backbone with the generator, or
+    keep it at its initialisation (a random-init embedded backbone stays a fixed random-feature encoder).
+    """
     if stage == "pretrain":
         for p in (*textsynch.parameters(), *generator.parameters()):
             p.requires_grad_(False)
         # the 2-D patch_embed is unused (kept for loading Synchformer's keys): it would never get a gradient
         named = [(f"textsynch.vfeat_extractor.{n}", p) for n, p in textsynch.vfeat_extractor.named_parameters()
-                 if not n.startswith("patch_embed.")]
+                 if pretrain_backbone and not n.startswith("patch_embed.")]
         named += [(f"generator.{n}", p) for n, p in generator.named_parameters() if n not in GENERATOR_FROZEN]
         for _, p in named:
             p.requires_grad_(True)

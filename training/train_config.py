@@ -142,6 +142,10 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; or bf16 / fp32
     cfg_dropout: float = 0.1  # video conditions (clip + sync) together, text separately
     text_in_encoder: bool = True  # false: the "no text in the video encoder" ablation (MMAudio-style)
+    # stage pretrain only: train the video backbone with the generator (a Synchformer stand-in), or keep it
+    # at its initialisation. configs/train/tiny.yaml keeps the random-init embedded backbone: trained jointly
+    # from scratch it changes under the generator faster than the generator learns to read it (docs/training.md)
+    pretrain_backbone: bool = True
     max_bad_steps: int = 10  # consecutive skipped (non-finite) steps that stop the run
     collective_timeout_s: float = 600.0  # a hung rank ends the job after this long
     log_every: int = 10

@@ -4,8 +4,9 @@ Per optimizer step: ``grad_accum`` micro-batches (forward = the loss inside Deep
 backward, ``engine.step()``), then one small all-reduce that carries the loss sum, the finite count
 and the flag "a stop signal arrived here", so every rank takes the same decisions at
 the same step (no rank waits at a collective the others skipped). Then the EMA update (rank 0, every
-step: a skipped step leaves the weights unchanged and the EMA counts optimizer steps), metrics (rank 0, through the non-blocking tracker), a checkpoint when due or when
-SIGTERM/SIGUSR1 arrived (Slurm's pre-emption signals), validation when due.
+step: a skipped step leaves the weights unchanged and the EMA counts optimizer steps), metrics (rank 0,
+through the non-blocking tracker), a checkpoint when due or when SIGTERM/SIGUSR1 arrived
+(Slurm's pre-emption signals), validation when due.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same fresh initialisation on every rank
         self.models = build_models(cfg)
         ts, gen = self.models.textsynch.to(world.device), self.models.generator.to(world.device)
-        self.named = set_stage_trainable(ts, gen, cfg.stage)
+        self.named = set_stage_trainable(ts, gen, cfg.stage, pretrain_backbone=cfg.pretrain_backbone)
         self.objective = SelvaObjective(ts, gen, stage=cfg.stage, text_in_encoder=cfg.text_in_encoder,
                                         cfg_dropout=cfg.cfg_dropout, seed=cfg.seed)
         self.trained = TrainedParameters(self.named, self.objective)

@@ -239,7 +239,40 @@ def table(results: dict) -> str:
                          f"{m['mean']:+.4f} ± {m['se']:.4f} ({m['higher_share']:.0%}; {m['relative']:+.1%})")
         lines.append(f"| {LABELS[cond]} − {LABELS[ref].split(',')[0] if ref == 'true' else 'true prompt'} | "
                      + " | ".join(cells) + " |")
+    lines += stage_changes(results)
     return "\n".join(lines)
+
+
+def _paired(a: dict[str, float], b: dict[str, float]) -> dict | None:
+    """(a − b) over the clips both hold: mean, s.e., count, share of clips where a is lower."""
+    keys = sorted(set(a) & set(b))
+    if len(keys) < 2:
+        return None
+    d = np.array([a[k] - b[k] for k in keys])
+    ref = float(np.mean([b[k] for k in keys]))
+    return {"mean": float(d.mean()), "se": float(d.std(ddof=1) / math.sqrt(len(d))), "n": len(d),
+            "lower_share": float((d < 0).mean()), "relative": float(d.mean()) / ref}
+
+
+def stage_changes(results: dict) -> list[str]:
+    """Val loss of each stage's export minus that of the weights it started from, paired per clip (the
+    same clips, draws and mixes): stage 1 starts from pretrain's export, stage 2 from stage 1's (its
+    TextSynch, and the pretrain generator that stage 1 left unchanged)."""
+    stages = results["stages"]
+    pairs = [(s, p) for s, p in (("encoder", "pretrain"), ("generator", "encoder")) if s in stages and p in stages]
+    if not pairs:
+        return []
+    lines = ["", "Val loss change over each stage, paired per clip (export − the weights the stage started "
+             "from): mean ± s.e. (share of clips lower; relative):", "",
+             "| condition | " + " | ".join(s for s, _ in pairs) + " |", "|---|" + "---:|" * len(pairs)]
+    for name in ("true", "mixed_true"):
+        cells = []
+        for s, p in pairs:
+            m = _paired(stages[s]["eval"]["per_clip"][name], stages[p]["eval"]["per_clip"][name])
+            cells.append("n/a" if m is None else
+                         f"{m['mean']:+.4f} ± {m['se']:.4f} ({m['lower_share']:.0%}; {m['relative']:+.1%})")
+        lines.append(f"| {LABELS[name]} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

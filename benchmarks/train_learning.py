@@ -26,7 +26,7 @@ Margins are paired per clip: (condition − true) averaged over the clip's draws
 over the val clips, and the share of clips where the condition's loss is higher.
 
     PYTHONPATH=. OMP_NUM_THREADS=2 .venv/bin/python benchmarks/train_learning.py --out /tmp/learn
-    ... --steps 300 300 300 --batch 4 --lr 1e-3   # the defaults
+    ... --steps 800 300 300 --batch 8 --lr 1e-3   # the defaults (docs/benchmarks.md)
 """
 
 from __future__ import annotations
@@ -280,8 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="a new folder: the world and the three runs")
     parser.add_argument("--train", type=int, default=64, help="train clips of the world")
     parser.add_argument("--val", type=int, default=32, help="val clips of the world")
-    parser.add_argument("--steps", type=int, nargs=3, default=[300, 300, 300], metavar=("PRETRAIN", "ENCODER", "GEN"))
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, nargs=3, default=[800, 300, 300], metavar=("PRETRAIN", "ENCODER", "GEN"))
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--workers", type=int, default=0, help="loader.num_workers of the jobs")

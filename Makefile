@@ -15,14 +15,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# lint first (a second): CI runs `make test`, so style errors fail it too
 test: $(STAMP)
+	$(BIN)/ruff check selva selva_cli preprocessing pipelines training tests benchmarks
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
 	$(BIN)/selva demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check selva preprocessing pipelines training tests benchmarks
+	$(BIN)/ruff check selva selva_cli preprocessing pipelines training tests benchmarks
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/model_step.py

@@ -293,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="where to write the results (default: OUT/learning.json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if min(args.steps) < 2 * EDGE:
+        print(f"note: a stage of fewer than {2 * EDGE} steps: its first and last {EDGE} steps overlap, so the "
+              "train-loss drop of that stage reads low", file=sys.stderr)
 
     from pipelines.train_world import write_train_world
 

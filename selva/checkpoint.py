@@ -106,7 +106,29 @@ def save_weights(module: nn.Module, path: str | os.PathLike, metadata: Mapping[s
     tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     save_file(state, str(tmp), metadata={"module": type(module).__name__, **dict(metadata or {})})
+    canonical_safetensors_header(tmp)
     os.replace(tmp, path)
+
+
+def canonical_safetensors_header(path: str | os.PathLike) -> None:
+    """Rewrite a ``.safetensors`` header in place with its keys sorted, so that equal tensors and metadata
+    give equal bytes. safetensors writes its header map in an unordered (per-process) order: two
+    exports of the same weights differed by checksum. Same JSON content, so the length cannot grow;
+    a shorter dump is padded with spaces, which the format allows at the header's end."""
+    import json
+    import struct
+
+    with open(path, "r+b") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+        sorted_header = dict(sorted(header.items()))
+        if "__metadata__" in sorted_header:
+            sorted_header["__metadata__"] = dict(sorted(sorted_header["__metadata__"].items()))
+        text = json.dumps(sorted_header, separators=(",", ":")).encode()
+        if len(text) > length:  # cannot happen for the same content; never corrupt a file over it
+            return
+        handle.seek(8)
+        handle.write(text + b" " * (length - len(text)))
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

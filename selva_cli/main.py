@@ -93,7 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted; finished work is kept (rerun the same command to resume)", file=sys.stderr)
+        print("interrupted; finished work is kept (rerun the same command to resume; a training job resumes "
+              "from its last checkpoint: stop it with SIGTERM to write one first)", file=sys.stderr)
         return 130
     except Exception as err:
         if args.debug or not isinstance(err, expected_errors()):

@@ -95,3 +95,25 @@ def test_nested_checkpoint_key_and_missing_file(tmp_path):
         read_state_dict(path, key="ema")
     with pytest.raises(FileNotFoundError, match="nowhere.pt"):
         read_state_dict(tmp_path / "nowhere.pt")
+
+
+def test_equal_weights_give_equal_safetensors_bytes(tmp_path):
+    """safetensors writes its header map in a per-process order; exports of equal weights differed by
+    checksum until the header was put in a canonical order."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    from selva.checkpoint import canonical_safetensors_header, read_metadata
+
+    state = {"b": torch.arange(3.0), "a": torch.ones(2, 2)}
+    meta = {"module": "Generator", "preset": "tiny", "ema": "true", "ema_sigma_rel": "0.05"}
+    digests = []
+    for i, order in enumerate((list(meta), list(reversed(meta)))):
+        path = tmp_path / f"w{i}.safetensors"
+        save_file(dict(reversed(state.items())) if i else state, str(path), metadata={k: meta[k] for k in order})
+        canonical_safetensors_header(path)
+        assert read_metadata(path) == meta
+        assert all(torch.equal(v, state[k]) for k, v in load_file(str(path)).items())
+        digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]

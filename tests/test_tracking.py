@@ -185,6 +185,29 @@ def test_a_resumed_job_continues_its_run_by_id(tmp_path, capsys):
     assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run_id]
 
 
+def test_a_run_id_the_store_does_not_hold_starts_a_new_run_that_says_so(tmp_path, capsys):
+    """A resume against another store (or from a checkpoint copied from another run) once lost all of
+    the job's tracking: every call failed with "Run ... not found"."""
+    from mlflow.tracking import MlflowClient
+
+    config = _sqlite(tmp_path)
+    gone = "0123456789abcdef0123456789abcdef"
+    tracker = Tracker(config)
+    tracker.start_run("selva-test", "resumed elsewhere", params={"lr": 0.1}, run_id=gone)
+    run_id = tracker.wait_run_id(CEILING_S)
+    assert run_id is not None and run_id != gone
+    for step in range(3):
+        tracker.log_metrics({"loss": 3.0 - step}, step=step)
+    summary = tracker.close(deadline_s=CEILING_S)
+    assert summary.finished and summary.run_id == run_id and summary.dropped == 0
+    (line,) = _warnings(capsys.readouterr().err)
+    assert f"has no run {gone} to continue" in line and f"logging to a new run {run_id}" in line
+    run = MlflowClient(config.uri).get_run(run_id)
+    assert run.info.run_name == "resumed elsewhere" and run.info.status == "FINISHED"
+    assert run.data.tags["continues_run"] == gone and run.data.params == {"lr": "0.1"}
+    assert [m.value for m in MlflowClient(config.uri).get_metric_history(run_id, "loss")] == [3.0, 2.0, 1.0]
+
+
 def test_wait_run_id_gives_up_at_its_deadline_against_a_silent_server(monkeypatch):
     calls = record_http_calls(monkeypatch)
     job = threading.get_ident()

@@ -239,6 +239,47 @@ def test_a_changed_config_refuses_to_resume(stage_runs, tmp_path):
     assert "optim.lr: '0.001' -> '0.0005'" in result.stderr and "steps: '20' -> '30'" in result.stderr
 
 
+def test_resume_from_a_copied_checkpoint_folder_of_any_name(stage_runs, tmp_path):
+    """resume=PATH names a complete checkpoint, wherever it lies and whatever its folder is called (a
+    copy named otherwise once crashed the job with StopIteration)."""
+    import shutil
+    from types import SimpleNamespace
+
+    from training.train_config import load_config
+    from training.train_data import dataset_fingerprint
+    from training.trainer import _pick_checkpoint
+
+    source = stage_runs["generator"] / "checkpoints" / f"step-{STEPS:08d}"
+    copy = tmp_path / "mycopy"
+    shutil.copytree(source, copy)
+    args = stage_args("generator", stage_runs["dataset"], stage_runs, tmp_path / "elsewhere", stage_runs["uri"])
+    cfg = load_config(args[1], [a for a in args[2:] if "=" in a] + [f"resume={copy}"])
+    found = _pick_checkpoint(cfg, SimpleNamespace(world_size=2), dataset_fingerprint(cfg))
+    assert found.folder == copy and found.step == STEPS
+    (copy / "complete.json").unlink()
+    from training.checkpoints import ResumeError
+
+    with pytest.raises(ResumeError, match=f"resume={copy}: not a complete checkpoint"):
+        _pick_checkpoint(cfg, SimpleNamespace(world_size=2), dataset_fingerprint(cfg))
+
+
+def test_the_entry_point_takes_pre_emption_signals_before_its_heavy_imports():
+    """SIGTERM during start-up (torch and DeepSpeed take seconds to import) must be kept, not fatal:
+    when ``main`` parses its arguments, the handler is in place and nothing heavy is imported yet."""
+    probe = ("import signal, sys, training.train as t\n"
+             "parse = t.build_parser\n"
+             "def spy(*a, **k):\n"
+             "    heavy = [m for m in ('torch', 'deepspeed', 'mlflow') if m in sys.modules]\n"
+             "    print(heavy, signal.getsignal(signal.SIGTERM).__qualname__)\n"
+             "    return parse(*a, **k)\n"
+             "t.build_parser = spy\n"
+             "t.main(['--config', 'configs/train/tiny.yaml', '--print-config'])\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parent.parent)
+    first = result.stdout.splitlines()[0].split()
+    assert first == ["[]", "install_signal_handlers.<locals>.request_stop"], result.stdout[:300] + result.stderr
+
+
 def test_a_silent_tracking_server_costs_the_exit_flush_only(resumed_run):
     stderr = resumed_run["resumed"].stderr
     assert stderr.count("warning: MLflow tracking at http://127.0.0.1:") == 1, stderr[-3000:]

@@ -6,9 +6,19 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.train_launch import REPO, job_env
-from training.train_config import ConfigError, config_hash, flatten, load_config, redact, to_dict, to_yaml
+from training.train_config import (
+    ConfigError,
+    config_hash,
+    flatten,
+    load_config,
+    redact,
+    resume_fingerprint,
+    to_dict,
+    to_yaml,
+)
 from training.train_data import preflight
 
 TINY = REPO / "configs" / "train" / "tiny.yaml"
@@ -62,6 +72,11 @@ def test_several_datasets_with_weights_from_yaml(tmp_path):
     ("collective_timeout_s=0", "collective_timeout_s: must be > 0"),
     ("dataset.weight=2", "dataset: give a path (dataset=DIR) or, in the config file, a list"),
     ("dataset=", "dataset: empty"),
+    # values that once passed the check and crashed the job after start-up
+    ("seed=-1", "seed: must be in [0, 2**63), got -1"),
+    ("seed=1e20", "seed: must be in [0, 2**63)"),
+    ("mixing.constant_lambda=2", "mixing.constant_lambda: must be in [min_lambda, 1 - min_lambda]"),
+    ("dataset=[{path: /a, weight: 1}, {path: /b, weight: .inf}]", "dataset[].weight: weights must be finite and > 0"),
 ])
 def test_a_wrong_key_or_value_is_named(override, message):
     with pytest.raises(ConfigError) as err:
@@ -74,6 +89,34 @@ def test_numbers_in_a_yaml_file_are_read_as_yaml_1_2_would(tmp_path):
     path.write_text("optim:\n  lr: 1e-4\n  eps: 1E-6\n")  # PyYAML (YAML 1.1) returns these as strings
     cfg = load_config(path, ["dataset=/d", "out=/o"])
     assert cfg.optim.lr == 1e-4 and cfg.optim.eps == 1e-6
+
+
+def test_integers_written_as_powers_of_ten_in_a_file_are_integers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 1e3\noptim:\n  warmup_steps: 1e2\n")  # strings to PyYAML, like lr: 1e-4
+    cfg = load_config(path, ["dataset=/d", "out=/o"])
+    assert (cfg.steps, cfg.optim.warmup_steps) == (1000, 100) and isinstance(cfg.steps, int)
+    path.write_text("steps: 2.5e0\n")
+    with pytest.raises(ConfigError, match="steps: '2.5e0' is not of type int"):
+        load_config(path, ["dataset=/d", "out=/o"])
+
+
+def test_a_yaml_syntax_error_is_one_line_with_its_position(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("steps: [1,\n  x: 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["dataset=/d", "out=/o"])
+    assert str(err.value).startswith(f"{path}: not valid YAML (line 3, column 1): ") and "\n" not in str(err.value)
+
+
+def test_print_config_needs_no_dataset_or_output(capsys):
+    from training.train import main
+
+    assert main(["--config", "configs/train/tiny.yaml", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    assert "preset: tiny" in text and "pretrain_backbone: false" in text
+    with pytest.raises(ConfigError, match="dataset: no dataset given"):
+        load_config("configs/train/tiny.yaml", ["out=/o"])  # a real job still needs both
 
 
 def test_a_wrong_key_in_the_file_names_the_file(tmp_path):
@@ -90,6 +133,14 @@ def test_a_wrong_key_in_the_file_names_the_file(tmp_path):
     ("http://h:9/m?access_token=T0P&api_key=K2&run=3", "http://h:9/m?access_token=***&api_key=***&run=3"),
     ("s3://b/k?X-Amz-Signature=abc&X-Amz-Credential=AK/1&x=1", "s3://b/k?X-Amz-Signature=***&X-Amz-Credential=***&x=1"),
     ("sqlite:////tmp/a@b/mlflow.db", "sqlite:////tmp/a@b/mlflow.db"),
+    # passwords written raw, with characters that end a URI's authority
+    ("https://alice:pa#ss@host", "https://***@host"),
+    ("https://alice:p?ss@host/x", "https://***@host/x"),
+    ("https://alice:p/w@host:5000/x", "https://***@host:5000/x"),
+    ("https://alice:p w@host", "https://***@host"),
+    ("https://TOKEN123@host/x", "https://***@host/x"),
+    # host:port is no password: a later e-mail address on the line stays
+    ("http://127.0.0.1:9/api failed for bob@example.org", "http://127.0.0.1:9/api failed for bob@example.org"),
 ])
 def test_redaction_of_uris(uri, shown):
     assert redact(uri) == shown
@@ -112,6 +163,59 @@ def test_the_resume_fingerprint_ignores_where_and_how_often_only():
     assert config_hash(load_config(None, ["dataset=/moved/d", "out=/o"])) == h  # the data is checked by content
     for changed in ("optim.lr=3e-4", "steps=5", "loader.num_workers=3", "seed=1", "stage=generator"):
         assert config_hash(load_config(None, [*base, changed])) != h, changed
+
+
+def test_pretrain_backbone_only_binds_a_pretrain_resume():
+    base = ["dataset=/d", "out=/o"]
+    for stage in ("encoder", "generator"):
+        extra = ["init.generator=/g"] if stage == "encoder" else []
+        a = load_config(None, [*base, f"stage={stage}", *extra, "pretrain_backbone=true"])
+        b = load_config(None, [*base, f"stage={stage}", *extra, "pretrain_backbone=false"])
+        assert config_hash(a) == config_hash(b) and "pretrain_backbone" not in resume_fingerprint(a)
+    a = load_config(None, [*base, "pretrain_backbone=true"])
+    assert config_hash(a) != config_hash(load_config(None, [*base, "pretrain_backbone=false"]))
+
+
+def test_preflight_names_a_bad_output_or_val_dataset(train_world, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ConfigError, match=f"out: {afile} is a file"):
+        preflight(load_config(None, [f"dataset={train_world}", f"out={afile}"]))
+    with pytest.raises(ConfigError, match=f"val_dataset: {tmp_path / 'nope'} does not exist"):
+        preflight(load_config(None, [f"dataset={train_world}", f"out={tmp_path / 'o'}",
+                                     f"val_dataset={tmp_path / 'nope'}"]))
+
+
+def test_preflight_names_an_init_file_of_the_wrong_kind(train_world, tmp_path):
+    """Each of these once passed the preflight and failed with a traceback after the process group."""
+    from tests.test_export import tiny_modules
+    from training.export import export_final
+
+    textsynch, generator = tiny_modules()
+    final = export_final(tmp_path / "run", textsynch=textsynch, generator=generator, preset_name="tiny", config={})
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"SQLite format 3\x00" + bytes(100))
+    deepspeed_like = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": generator.state_dict(), "ds_config": {"zero": 2}, "lr_scheduler": None,
+                "ds_version": "0.18"}, deepspeed_like)
+    cases = [
+        ("init.textsynch", db, "mlflow.db: expected an export folder"),
+        ("init.generator", tmp_path / "run", "run: expected an export folder"),
+        ("init.generator", final / "textsynch.safetensors", "holds TextSynch weights, not Generator weights"),
+        ("init.textsynch", final / "generator.safetensors", "holds Generator weights, not TextSynch weights"),
+        ("init.generator", deepspeed_like, "not a flat mapping of names to tensors"),
+        ("init.textsynch", final / "weights" / "generator_small_16k_sup_5.pth", "TextSynch weights of preset tiny"),
+        ("init.backbone", final / "generator.safetensors", "no 'vfeat_extractor.*' keys"),
+    ]
+    for key, path, message in cases:
+        cfg = load_config(None, [f"dataset={train_world}", f"out={tmp_path / 'o'}", f"{key}={path}"])
+        with pytest.raises(ConfigError) as err:
+            preflight(cfg)
+        assert str(err.value).startswith(f"{key}: ") and message in str(err.value), (key, path, str(err.value))
+        assert "\n" not in str(err.value)
+    for key, path in (("init.textsynch", final), ("init.generator", final / "generator.safetensors"),
+                      ("init.generator", final / "weights" / "generator_small_16k_sup_5.pth")):
+        preflight(load_config(None, [f"dataset={train_world}", f"out={tmp_path / 'o'}", f"{key}={path}"]))
 
 
 def test_preflight_names_the_dataset_that_does_not_fit(train_world, tmp_path):

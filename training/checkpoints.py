@@ -98,15 +98,23 @@ def complete_checkpoints(root: Path) -> list[Found]:
     for folder in root.iterdir():
         if not (folder.name.startswith(PREFIX) and folder.is_dir()):
             continue
-        marker = folder / MARKER
-        if not marker.is_file():
-            continue
-        try:
-            data = json.loads(marker.read_text())
-        except (OSError, ValueError):
-            continue  # a marker is written atomically; an unreadable one is not ours
-        out.append(Found(folder, int(data["step"]), data))
+        found = read_checkpoint(folder)
+        if found is not None:
+            out.append(found)
     return sorted(out, key=lambda f: f.step)
+
+
+def read_checkpoint(folder: Path) -> Found | None:
+    """The complete checkpoint in ``folder`` (any name: ``resume=PATH`` may name a copy), or None when it
+    has no readable marker (a marker is written atomically; an unreadable one is not ours)."""
+    marker = folder / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        data = json.loads(marker.read_text())
+        return Found(folder, int(data["step"]), data)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def check_resumable(found: Found, *, world_size: int, config_hash: str, config: dict[str, str],

@@ -31,7 +31,7 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 
-from selva.checkpoint import load_weights, read_metadata
+from selva.checkpoint import CheckpointError, canonical_safetensors_header, load_weights, read_metadata
 from selva.generator import Generator
 from selva.presets import ModelPreset, get_preset
 from selva.textsynch import TextSynch
@@ -106,6 +106,7 @@ def export_final(
                 meta["ema_sigma_rel"] = repr(float(ema_sigma_rel))
             save_file(states[name], str(tmp / SAFETENSORS[name]),
                       metadata={"module": type(modules[name]).__name__, **meta})
+            canonical_safetensors_header(tmp / SAFETENSORS[name])  # equal weights, equal bytes
             pth = official_path(tmp, PTH_ROLES[name])
             torch.save(states[name], pth)  # a flat dict of tensors: torch.load(weights_only=True) reads it
             record["modules"][name] = {**meta, "safetensors": SAFETENSORS[name],
@@ -206,3 +207,72 @@ def load_module_init(kind: str, path: str | os.PathLike, preset: ModelPreset | s
     raise ExportPathError(
         f"init.{kind}={path}: expected an export folder (final/ with {SAFETENSORS[kind]}), a .safetensors from "
         f"one, an official .pth, or an official weights folder with {OFFICIAL_FILES[INIT_ROLES[kind]].path}")
+
+
+def _weight_keys(path: Path) -> set[str]:
+    """The tensor names in a weights file, without reading the tensors (safetensors header; a torch file
+    memory-mapped). Raises ``CheckpointError`` for a file that is not a flat mapping of tensors."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return set(handle.keys())
+        except Exception as err:  # noqa: BLE001 - re-raised with the file name
+            raise CheckpointError(f"{path}: not a readable .safetensors file ({err})") from None
+    try:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a legacy (non-zip) torch file cannot be memory-mapped
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised with the file name
+        raise CheckpointError(f"{path}: not a weights-only torch file (a DeepSpeed checkpoint? give final/ or an "
+                              f"official .pth): {str(err).splitlines()[0]}") from None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a flat mapping of names to tensors")
+    return set(state)
+
+
+def check_init_source(kind: str, path: str | os.PathLike, preset: ModelPreset | str) -> None:
+    """Cheap check of ``init.<kind>=PATH`` (``kind``: textsynch, generator or backbone) before a job starts:
+    the path is a form :func:`load_module_init` takes and the file holds that module's weights for
+    ``preset`` (our metadata, or for official files key names). Reads no tensor data. Raises
+    ``ExportPathError`` or ``CheckpointError`` naming the file; shapes are checked when the job loads it."""
+    path, preset = Path(path), _preset(preset)
+    if kind == "backbone":
+        if not path.is_file():
+            raise ExportPathError(f"{path}: expected Synchformer's weights file (.pth)")
+        if not any(k.startswith("vfeat_extractor.") for k in _weight_keys(path)):
+            raise CheckpointError(f"{path}: no 'vfeat_extractor.*' keys; is this Synchformer's state dict?")
+        return
+    if kind not in MODULES:
+        raise ValueError(f"unknown module {kind!r}; expected one of {', '.join(MODULES)}, backbone")
+    if _is_our_export(path):
+        file = path / SAFETENSORS[kind]
+    elif path.is_file() and path.suffix in (".safetensors", ".pth", ".pt"):
+        file = path
+    elif path.is_dir() and official_path(path, INIT_ROLES[kind]).is_file():
+        file = official_path(path, INIT_ROLES[kind])
+    else:
+        raise ExportPathError(
+            f"{path}: expected an export folder (final/ with {SAFETENSORS[kind]}), a .safetensors from one, an "
+            f"official .pth, or an official weights folder with {OFFICIAL_FILES[INIT_ROLES[kind]].path}")
+    want = "TextSynch" if kind == "textsynch" else "Generator"
+    if file.suffix == ".safetensors":
+        meta = read_metadata(file)
+        if "module" not in meta:
+            raise ExportPathError(f"{file}: a .safetensors without this project's metadata; expected "
+                                  f"{SAFETENSORS[kind]} from an export")
+        if meta["module"] != want:
+            raise CheckpointError(f"{file} holds {meta['module']} weights, not {want} weights")
+        if meta.get("preset", preset.name) != preset.name:
+            raise CheckpointError(f"{file} was saved for preset {meta['preset']!r}; this model is preset "
+                                  f"{preset.name!r}")
+        return
+    with torch.device("meta"):  # key names only: no memory, no initialisation
+        module = preset.build_textsynch() if kind == "textsynch" else preset.build_generator()
+    wanted = set(module.state_dict())
+    missing = sorted(wanted - _weight_keys(file))  # what the strict load would miss
+    if missing:
+        raise CheckpointError(f"{file} is missing {len(missing)} of the {len(wanted)} {want} weights of preset "
+                              f"{preset.name} (e.g. {', '.join(missing[:3])}): not that module's weights file")

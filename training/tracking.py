@@ -356,6 +356,9 @@ class Tracker:
             run_id = run.open(spec.experiment, spec.run_name, spec.resume_id)
             with self._lock:
                 spec.run_id = run_id
+                if spec.resume_id is not None and run_id != spec.resume_id:
+                    self._warn_locked("new-run", f"has no run {spec.resume_id} to continue (another store or "
+                                                 f"a copied checkpoint?): logging to a new run {run_id}")
             self._run_known.set()
             batch.params = {**spec.params, **batch.params}
             batch.tags = {**spec.tags, **batch.tags}

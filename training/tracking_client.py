@@ -76,9 +76,21 @@ class RunClient:
     def open(self, experiment: str, run_name: str, run_id: str | None) -> str:
         """Create a run named ``run_name`` in ``experiment`` (created if missing) or, given
         ``run_id``, continue that run: its status goes back to RUNNING and its name and experiment
-        stay as they are. Returns the run's id; raises ``MlflowException`` for an unknown id."""
+        stay as they are. Returns the run's id. An id this store does not hold (the job resumed against
+        another tracking server, or from a checkpoint copied from another run) starts a new run tagged
+        ``continues_run=<id>``: the caller sees the new id differ from the one it asked for."""
+        from mlflow.exceptions import MlflowException
+
         if run_id is not None:
-            run = self._client.get_run(run_id)
+            try:
+                run = self._client.get_run(run_id)
+            except MlflowException as err:
+                if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                new = self._client.create_run(self._experiment_id(experiment), run_name=run_name,
+                                              tags={"continues_run": run_id})
+                self.run_id = new.info.run_id
+                return self.run_id
             self._client.update_run(run_id, status="RUNNING")
             self._params = dict(run.data.params)
         else:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from training.checkpoints import ResumeError
+from training.stop_signal import install_signal_handlers
 from training.train_config import ConfigError, TrainConfig, flatten, load_config, redact, to_dict, to_yaml
 
 TRACKING_CLOSE_S = 10.0  # the exit flush waits at most this long for a tracking server
@@ -87,9 +87,8 @@ def run(cfg: TrainConfig) -> int:
     from training.engine import init_world
     from training.progress import Progress, print_summary
     from training.train_data import dataset_fingerprint, preflight
-    from training.trainer import Trainer, TrainingStopped, find_resume, install_signal_handlers
+    from training.trainer import Trainer, TrainingStopped, find_resume
 
-    install_signal_handlers()
     preflight(cfg)
     world = init_world(cfg)
     tracker = None
@@ -134,15 +133,24 @@ def run(cfg: TrainConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    install_signal_handlers()  # first: a pre-emption signal during start-up (imports take seconds) is kept
     args = build_parser().parse_args(argv)
+    from selva.checkpoint import CheckpointError
+    from training.checkpoints import ResumeError
+    from training.export import ExportPathError
+
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, need_paths=not args.print_config)
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
         return run(cfg)
     except (ConfigError, ResumeError) as err:
         if os.environ.get("RANK", "0") == "0":  # every rank refuses alike; one of them says why
+            print(f"error: {redact(str(err))}", file=sys.stderr)
+        return 2
+    except (CheckpointError, ExportPathError) as err:  # an init.* file the preflight's cheap check let through
+        if os.environ.get("RANK", "0") == "0":
             print(f"error: {redact(str(err))}", file=sys.stderr)
         return 2
 

@@ -201,6 +201,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()) and float(value).is_integer():
+            return int(float(value))  # "steps: 1e3" in a file: YAML 1.1 reads it as a string
         raise bad
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
@@ -285,8 +287,10 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:  # type: ignore[assignment]
-    """Defaults, then the YAML file at ``path`` (optional), then ``overrides`` in order; validated."""
+def load_config(path: str | Path | None, overrides: list[str] = (),  # type: ignore[assignment]
+                *, need_paths: bool = True) -> TrainConfig:
+    """Defaults, then the YAML file at ``path`` (optional), then ``overrides`` in order; validated.
+    ``need_paths`` False lets ``dataset`` and ``out`` stay unset (``--print-config`` of a file alone)."""
     cfg = TrainConfig()
     if path is not None:
         path = Path(path)
@@ -295,7 +299,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys")
         cfg = _build(TrainConfig, data, "", str(path), cfg)
@@ -304,11 +311,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         cfg = _build(TrainConfig, _nest(key, value), "", f"override {text!r}", cfg)
     if cfg.mixing.enabled is None:
         cfg.mixing.enabled = cfg.stage != "pretrain"
-    validate(cfg)
+    validate(cfg, need_paths=need_paths)
     return cfg
 
 
-def validate(cfg: TrainConfig) -> None:
+def validate(cfg: TrainConfig, *, need_paths: bool = True) -> None:
     """Value checks that types cannot express; each error names the key."""
     checks = [
         (cfg.stage in STAGES, f"stage: {cfg.stage!r} is not one of {', '.join(STAGES)}"),
@@ -324,9 +331,12 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.loader.batch_size >= 1, f"loader.batch_size: must be >= 1, got {cfg.loader.batch_size}"),
         (cfg.optim.lr > 0, f"optim.lr: must be > 0, got {cfg.optim.lr}"),
         (all(0 < m < 1 for m in cfg.optim.lr_milestones), "optim.lr_milestones: fractions in (0, 1)"),
-        (bool(cfg.dataset), "dataset: no dataset given (dataset=DIR, or a list in the config file)"),
-        (bool(cfg.out), "out: no output folder given (out=DIR)"),
-        (all(d.weight > 0 for d in cfg.dataset), "dataset[].weight: weights must be > 0"),
+        (bool(cfg.dataset) or not need_paths, "dataset: no dataset given (dataset=DIR, or a list in the config file)"),
+        (bool(cfg.out) or not need_paths, "out: no output folder given (out=DIR)"),
+        (all(d.weight > 0 and math.isfinite(d.weight) for d in cfg.dataset),
+         "dataset[].weight: weights must be finite and > 0"),
+        # numpy's seeding takes 0 .. 2**32 - 1 per word; torch.manual_seed at most 2**64 - 1
+        (0 <= cfg.seed < 2**63, f"seed: must be in [0, 2**63), got {cfg.seed}"),
         (cfg.stage != "encoder" or cfg.text_in_encoder,
          "text_in_encoder: false leaves stage 'encoder' nothing to train (the ablation trains 'generator' "
          "on text-free video features)"),
@@ -347,6 +357,10 @@ def validate(cfg: TrainConfig) -> None:
         (0.0 <= cfg.mixing.prob <= 1.0, f"mixing.prob: must be in [0, 1], got {cfg.mixing.prob}"),
         (cfg.mixing.alpha > 0, f"mixing.alpha: must be > 0, got {cfg.mixing.alpha}"),
         (0.0 <= cfg.mixing.min_lambda < 0.5, f"mixing.min_lambda: must be in [0, 0.5), got {cfg.mixing.min_lambda}"),
+        (cfg.mixing.constant_lambda is None
+         or cfg.mixing.min_lambda <= cfg.mixing.constant_lambda <= 1 - cfg.mixing.min_lambda,
+         f"mixing.constant_lambda: must be in [min_lambda, 1 - min_lambda] = [{cfg.mixing.min_lambda}, "
+         f"{1 - cfg.mixing.min_lambda}], got {cfg.mixing.constant_lambda}"),
         (cfg.loader.num_workers >= 0, f"loader.num_workers: must be >= 0, got {cfg.loader.num_workers}"),
         (cfg.loader.shuffle_buffer >= 0, f"loader.shuffle_buffer: must be >= 0, got {cfg.loader.shuffle_buffer}"),
         (cfg.loader.prefetch_factor >= 1, f"loader.prefetch_factor: must be >= 1, got {cfg.loader.prefetch_factor}"),
@@ -412,8 +426,11 @@ def resume_fingerprint(cfg: TrainConfig) -> dict[str, str]:
     compared by its fingerprint, so a dataset moved to another mount resumes): what must be equal."""
     flat = flatten(to_dict(cfg, redacted=True))
     where = re.compile(r"dataset\.\d+\.path|val_dataset")
+    # a switch that only acts in stage pretrain is no part of what other stages resume
+    inert = {"pretrain_backbone"} if cfg.stage != "pretrain" else set()
     return {k: v for k, v in flat.items()
-            if not where.fullmatch(k) and not any(k == f or k.startswith(f + ".") for f in RESUME_FREE)}
+            if not where.fullmatch(k) and k not in inert
+            and not any(k == f or k.startswith(f + ".") for f in RESUME_FREE)}
 
 
 def config_hash(cfg: TrainConfig) -> str:

@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 
 from preprocessing.shards import ShardError, read_dataset_info
+from selva.checkpoint import CheckpointError
 from selva.presets import ModelPreset, get_preset
+from training.export import ExportPathError, check_init_source
 from training.loader import LoaderConfig, TrainLoader, build_loader
 from training.shard_order import seeded_rng
 from training.train_config import ConfigError, TrainConfig
@@ -33,6 +35,12 @@ def preflight(cfg: TrainConfig) -> ModelPreset:
     except KeyError as err:
         raise ConfigError(f"preset: {err.args[0]}") from None
     seq = preset.seq
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out: {out} is a file; give a folder (new or an earlier run's)")
+    if cfg.val_dataset and not (Path(cfg.val_dataset) / "dataset.json").is_file():
+        what = "does not exist" if not Path(cfg.val_dataset).exists() else "has no dataset.json"
+        raise ConfigError(f"val_dataset: {cfg.val_dataset} {what}")
     for entry in cfg.dataset:
         path = Path(entry.path)
         if not (path / "dataset.json").is_file():
@@ -65,6 +73,11 @@ def preflight(cfg: TrainConfig) -> ModelPreset:
         value = getattr(cfg.init, key)
         if value and "://" not in value and not Path(value).exists():
             raise ConfigError(f"init.{key}: {value} does not exist")
+        if value:
+            try:
+                check_init_source(key, value, preset)
+            except (ExportPathError, CheckpointError) as err:
+                raise ConfigError(f"init.{key}: {err}") from None
     return preset
 
 

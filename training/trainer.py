@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from selva.mixing import MixConfig
 from training import checkpoints as ck
 from training.engine import World, build_engine, deepspeed_config, lr_at, set_lr, use_bf16
 from training.objective import SelvaObjective, TrainedParameters, set_stage_trainable
+from training.stop_signal import install_signal_handlers, stop_requested  # noqa: F401 - re-exported
 from training.train_config import TrainConfig, config_hash, resume_fingerprint, to_dict
 from training.train_data import build_batches, dataset_fingerprint
 from training.train_models import build_models, ema_module
@@ -43,20 +43,6 @@ def _kill_fault(where: str, step: int, rank: int) -> None:
         os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
-_STOP = threading.Event()
-
-
-def install_signal_handlers() -> None:
-    """SIGTERM and SIGUSR1 (Slurm's pre-emption signals) ask for a checkpoint at the next step boundary;
-    installed first thing in the job, so a signal during start-up is not lost either."""
-
-    def request_stop(signum, frame):  # noqa: ARG001 - signal handler signature
-        _STOP.set()
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, request_stop)
-
-
 class TrainingStopped(RuntimeError):
     """Training cannot go on (too many non-finite steps); the last good checkpoint is kept."""
 
@@ -70,6 +56,7 @@ class StepStats:
     steps: int = 0
     data_wait_s: float = 0.0
     step_s: float = 0.0
+    timed_steps: int = 0  # every step of the interval, skipped ones too (step_s covers them all)
     batches: int = 0
     grad_norms: list[float] = field(default_factory=list)
     mix: dict[str, float] = field(default_factory=dict)  # sums over batches
@@ -106,10 +93,9 @@ def _pick_checkpoint(cfg: TrainConfig, world: World, dataset_fp: str) -> ck.Foun
             return None
         chosen = found[-1]
     else:
-        folder = Path(cfg.resume)
-        if not (folder / ck.MARKER).is_file():
-            raise ck.ResumeError(f"resume={cfg.resume}: not a complete checkpoint (no {ck.MARKER} in it)")
-        chosen = next(f for f in ck.complete_checkpoints(folder.parent) if f.folder == folder)
+        chosen = ck.read_checkpoint(Path(cfg.resume))
+        if chosen is None:
+            raise ck.ResumeError(f"resume={cfg.resume}: not a complete checkpoint (no readable {ck.MARKER} in it)")
     ck.check_resumable(chosen, world_size=world.world_size, config_hash=config_hash(cfg),
                        config=resume_fingerprint(cfg), dataset_fingerprint=dataset_fp)
     return chosen
@@ -162,7 +148,7 @@ class Trainer:
     # ------------------------------------------------------------------------------ signals
     @property
     def stop_requested(self) -> bool:
-        return _STOP.is_set()
+        return stop_requested()
 
     # ------------------------------------------------------------------------------ one step
     def _nan_fault(self) -> bool:
@@ -270,6 +256,7 @@ class Trainer:
             t0 = time.perf_counter()
             local_loss, applied = self.train_step()
             self.stats.step_s += time.perf_counter() - t0
+            self.stats.timed_steps += 1
             loss, stop_signal = self._agree(local_loss)
             if self.ema is not None:  # also after a skipped step (weights unchanged): EMA counts optimizer steps
                 self.ema.update(self.step + 1)
@@ -367,7 +354,7 @@ class Trainer:
             "train/loss": s.loss_sum / max(1, s.steps),
             "train/lr": lr_at(self.cfg, self.step - 1),
             "train/samples_per_s": s.samples * self.world.world_size / max(s.step_s, 1e-9),
-            "train/step_time_s": s.step_s / max(1, self.cfg.log_every),
+            "train/step_time_s": s.step_s / max(1, s.timed_steps),  # a partial interval (end, resume) too
             "train/data_wait_share": s.data_wait_s / max(s.step_s, 1e-9),
             "train/skipped_steps": float(self.skipped),
         }

@@ -355,17 +355,22 @@ def test_paths_are_resolved_once_on_the_driver(tmp_path, monkeypatch):
 
 def test_the_trainer_trains_on_what_precompute_wrote(clean_run, tmp_path):
     """The real clips (and the synthetic ones) through precompute -> `python -m training.train`: a few
-    steps of each stage's code path on real shards, one process."""
+    steps on real shards, one process. The job's tracking server is a closed port: training finishes
+    (exit 0, the export written) with one warning (the trainer's outage acceptance point)."""
     import subprocess
     import sys
 
+    from tests.tracking_servers import closed_port
     from tests.train_launch import REPO, explain, job_env
 
     out = tmp_path / "train"
     cmd = [sys.executable, "-m", "training.train", "--config", "configs/train/tiny.yaml", f"dataset={clean_run}",
-           f"out={out}", "steps=3", "loader.batch_size=2", "loader.num_workers=0", "checkpoint_every=3"]
+           f"out={out}", "steps=3", "loader.batch_size=2", "loader.num_workers=0", "checkpoint_every=3",
+           f"tracking_uri=http://127.0.0.1:{closed_port()}"]
     result = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, explain(result)
+    assert result.stderr.count("warning: MLflow tracking at") == 1, result.stderr[-3000:]
+    assert "3 of 3" in result.stdout
     state = json.loads((out / "checkpoints" / "step-00000003" / "trainer-rank00000.json").read_text())
     assert len(state["losses"]) == 3 and all(0 < x < 100 for x in state["losses"])
     assert (out / "final" / "generator.safetensors").is_file()

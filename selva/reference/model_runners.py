@@ -7,6 +7,8 @@ loader as released checkpoints.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -26,12 +28,32 @@ _BUILDERS = {
 }
 
 
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "xavier_uniform_", "xavier_normal_", "kaiming_uniform_",
+                   "kaiming_normal_", "zeros_", "ones_", "constant_")
+
+
+@contextlib.contextmanager
+def _no_random_init() -> Iterator[None]:
+    """Module construction without ``torch.nn.init``'s fills: every parameter and persistent buffer is
+    then overwritten by a strict load of the rule weights, so the fills (~19 s of uniform draws per
+    check of the official sizes) were wasted. Buffers computed in constructors are untouched."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in _INIT_FUNCTIONS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
 def _build(ctx: CaseContext) -> torch.nn.Module:
     model = ctx.case.get("model")
     if model not in _BUILDERS:
         raise NotImplementedError(f"no module of ours corresponds to the official model {model!r}")
-    module = _BUILDERS[model]()
-    load_strict(module, ctx.rule_state_dict(model), f"rule weights of {model}")
+    with _no_random_init():
+        module = _BUILDERS[model]()
+    load_strict(module, ctx.rule_state_dict(model), f"rule weights of {model}")  # strict: every tensor set
     return module.eval()
 
 

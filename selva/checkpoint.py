@@ -147,11 +147,17 @@ def load_weights(module: nn.Module, path: str | os.PathLike, *, preset: str | No
 
     Raises ``CheckpointError`` naming the file when its recorded ``module`` is another class, or its
     recorded ``preset`` differs from ``preset`` (when given), before comparing keys."""
+    check_saved_for(path, type(module).__name__, preset)
+    load_strict(module, read_state_dict(path), str(path))
+
+
+def check_saved_for(path: str | os.PathLike, module: str, preset: str | None) -> None:
+    """Raise ``CheckpointError`` when the metadata of ``path`` names another module class than ``module``
+    or another preset than ``preset`` (when both are recorded/given). Reads the header only."""
     meta = read_metadata(path)
     kind = meta.get("module")
-    if kind is not None and kind != type(module).__name__:
-        raise CheckpointError(f"{path} holds {kind} weights, not {type(module).__name__} weights")
+    if kind is not None and kind != module:
+        raise CheckpointError(f"{path} holds {kind} weights, not {module} weights")
     saved_preset = meta.get("preset")
     if preset is not None and saved_preset is not None and saved_preset != preset:
         raise CheckpointError(f"{path} was saved for preset {saved_preset!r}; this model is preset {preset!r}")
-    load_strict(module, read_state_dict(path), str(path))

@@ -211,7 +211,8 @@ def test_preflight_names_an_init_file_of_the_wrong_kind(train_world, tmp_path):
         cfg = load_config(None, [f"dataset={train_world}", f"out={tmp_path / 'o'}", f"{key}={path}"])
         with pytest.raises(ConfigError) as err:
             preflight(cfg)
-        assert str(err.value).startswith(f"{key}: ") and message in str(err.value), (key, path, str(err.value))
+        assert str(err.value).startswith((f"{key}: ", f"{key}={path}: ")) and message in str(err.value), \
+            (key, path, str(err.value))
         assert "\n" not in str(err.value)
     for key, path in (("init.textsynch", final), ("init.generator", final / "generator.safetensors"),
                       ("init.generator", final / "weights" / "generator_small_16k_sup_5.pth")):

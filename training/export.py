@@ -31,7 +31,13 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 
-from selva.checkpoint import CheckpointError, canonical_safetensors_header, load_weights, read_metadata
+from selva.checkpoint import (
+    CheckpointError,
+    canonical_safetensors_header,
+    check_saved_for,
+    load_weights,
+    read_metadata,
+)
 from selva.generator import Generator
 from selva.presets import ModelPreset, get_preset
 from selva.textsynch import TextSynch
@@ -183,6 +189,26 @@ def load_export(path: str | os.PathLike, preset: ModelPreset | str) -> tuple[Tex
         f"weights folder (with {' and '.join(OFFICIAL_FILES[r].path for r in PTH_ROLES.values())})")
 
 
+def _init_file(kind: str, path: Path) -> tuple[Path, bool]:
+    """The weights file that ``init.<kind>=path`` names, and whether it is one of ours (safetensors with our
+    metadata) rather than an official ``.pth``. Raises ``ExportPathError`` for any other path."""
+    if _is_our_export(path):
+        return path / SAFETENSORS[kind], True
+    if path.is_file() and path.suffix == ".safetensors":
+        if "module" not in read_metadata(path):
+            raise ExportPathError(f"{path}: a .safetensors without this project's metadata; expected "
+                                  f"{SAFETENSORS[kind]} from an export")
+        return path, True
+    if path.is_file() and path.suffix in (".pth", ".pt"):
+        return path, False
+    official = official_path(path, INIT_ROLES[kind])
+    if path.is_dir() and official.is_file():
+        return official, False
+    raise ExportPathError(
+        f"init.{kind}={path}: expected an export folder (final/ with {SAFETENSORS[kind]}), a .safetensors from "
+        f"one, an official .pth, or an official weights folder with {OFFICIAL_FILES[INIT_ROLES[kind]].path}")
+
+
 def load_module_init(kind: str, path: str | os.PathLike, preset: ModelPreset | str) -> nn.Module:
     """The module for ``init.<kind>=PATH``; ``kind`` is ``"textsynch"`` or ``"generator"``.
 
@@ -191,22 +217,9 @@ def load_module_init(kind: str, path: str | os.PathLike, preset: ModelPreset | s
     ``weights/mmaudio_small_16k.pth``, the stage-2 start). Raises ``ExportPathError`` otherwise."""
     if kind not in MODULES:
         raise ValueError(f"unknown module {kind!r}; expected one of {', '.join(MODULES)}")
-    path, preset = Path(path), _preset(preset)
-    if _is_our_export(path):
-        return _load_ours(kind, path / SAFETENSORS[kind], preset)
-    if path.is_file() and path.suffix == ".safetensors":
-        if "module" not in read_metadata(path):
-            raise ExportPathError(f"{path}: a .safetensors without this project's metadata; expected "
-                                  f"{SAFETENSORS[kind]} from an export")
-        return _load_ours(kind, path, preset)
-    if path.is_file() and path.suffix in (".pth", ".pt"):
-        return _load_official(kind, path, preset)
-    official = official_path(path, INIT_ROLES[kind])
-    if path.is_dir() and official.is_file():
-        return _load_official(kind, official, preset)
-    raise ExportPathError(
-        f"init.{kind}={path}: expected an export folder (final/ with {SAFETENSORS[kind]}), a .safetensors from "
-        f"one, an official .pth, or an official weights folder with {OFFICIAL_FILES[INIT_ROLES[kind]].path}")
+    preset = _preset(preset)
+    file, ours = _init_file(kind, Path(path))
+    return _load_ours(kind, file, preset) if ours else _load_official(kind, file, preset)
 
 
 def _weight_keys(path: Path) -> set[str]:
@@ -247,27 +260,10 @@ def check_init_source(kind: str, path: str | os.PathLike, preset: ModelPreset | 
         return
     if kind not in MODULES:
         raise ValueError(f"unknown module {kind!r}; expected one of {', '.join(MODULES)}, backbone")
-    if _is_our_export(path):
-        file = path / SAFETENSORS[kind]
-    elif path.is_file() and path.suffix in (".safetensors", ".pth", ".pt"):
-        file = path
-    elif path.is_dir() and official_path(path, INIT_ROLES[kind]).is_file():
-        file = official_path(path, INIT_ROLES[kind])
-    else:
-        raise ExportPathError(
-            f"{path}: expected an export folder (final/ with {SAFETENSORS[kind]}), a .safetensors from one, an "
-            f"official .pth, or an official weights folder with {OFFICIAL_FILES[INIT_ROLES[kind]].path}")
+    file, ours = _init_file(kind, path)
     want = "TextSynch" if kind == "textsynch" else "Generator"
-    if file.suffix == ".safetensors":
-        meta = read_metadata(file)
-        if "module" not in meta:
-            raise ExportPathError(f"{file}: a .safetensors without this project's metadata; expected "
-                                  f"{SAFETENSORS[kind]} from an export")
-        if meta["module"] != want:
-            raise CheckpointError(f"{file} holds {meta['module']} weights, not {want} weights")
-        if meta.get("preset", preset.name) != preset.name:
-            raise CheckpointError(f"{file} was saved for preset {meta['preset']!r}; this model is preset "
-                                  f"{preset.name!r}")
+    if ours:
+        check_saved_for(file, want, preset.name)
         return
     with torch.device("meta"):  # key names only: no memory, no initialisation
         module = preset.build_textsynch() if kind == "textsynch" else preset.build_generator()

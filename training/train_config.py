@@ -163,6 +163,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 # ------------------------------------------------------------------------------------ type checking
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
@@ -201,8 +202,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()) and float(value).is_integer():
-            return int(float(value))  # "steps: 1e3" in a file: YAML 1.1 reads it as a string
+        if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()) and float(value).is_integer():
+            return int(float(value))  # "steps: 1e3" in a file: YAML 1.1 reads it as a string; "12" stays refused
         raise bad
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):

@@ -77,7 +77,8 @@ def preflight(cfg: TrainConfig) -> ModelPreset:
             try:
                 check_init_source(key, value, preset)
             except (ExportPathError, CheckpointError) as err:
-                raise ConfigError(f"init.{key}: {err}") from None
+                text = str(err)  # the resolver's own message already names init.<key>=PATH
+                raise ConfigError(text if text.startswith(f"init.{key}=") else f"init.{key}: {text}") from None
     return preset
 
 

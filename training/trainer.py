@@ -26,7 +26,7 @@ from selva.mixing import MixConfig
 from training import checkpoints as ck
 from training.engine import World, build_engine, deepspeed_config, lr_at, set_lr, use_bf16
 from training.objective import SelvaObjective, TrainedParameters, set_stage_trainable
-from training.stop_signal import install_signal_handlers, stop_requested  # noqa: F401 - re-exported
+from training.stop_signal import stop_requested
 from training.train_config import TrainConfig, config_hash, resume_fingerprint, to_dict
 from training.train_data import build_batches, dataset_fingerprint
 from training.train_models import build_models, ema_module

@@ -2,13 +2,13 @@
 
 The mel converter, VAE and BigVGAN vocoder must (1) have exactly the official state-dict layout, so
 released checkpoints load strictly, and (2) reproduce every mel/vae/vocoder vector in
-``../shared/reference`` within the tolerance that ``cases.json`` gives for it.
+``../shared/reference`` within the tolerance that ``cases.json`` gives for it: (2) is the
+``selva check-reference`` run of tests/test_model_reference.py, which checks every component.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,11 +21,9 @@ from selva.audio.vae_blocks import MPConv1D
 from selva.checkpoint import CheckpointError, load_strict
 from selva.reference.audio_runners import BUFFERS_FILE, build_loaded, official_buffers
 from selva.reference.inputs import InputSet
-from selva.reference.runners import CaseContext, get_runner
+from selva.reference.runners import CaseContext
 from selva.reference.weight_rule import rule_state_dict
 
-AUDIO_COMPONENTS = ("mel", "vae", "vocoder")
-RUN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 BUILDERS: dict[str, Callable[[], torch.nn.Module]] = {
     "vae_16k": lambda: get_my_vae("16k"),
     "bigvgan_16k": BigVGANVocoder,
@@ -88,46 +86,6 @@ def test_bigvgan_filters_are_the_constructor_values(reference_dir: Path) -> None
     assert set(ours) == set(stored)
     worst = max(float((ours[k] - stored[k]).abs().max()) for k in ours)
     assert worst <= 1e-7
-
-
-@pytest.mark.parametrize("component", AUDIO_COMPONENTS)
-def test_reference_vectors(reference_dir: Path, cases: dict, rules, component: str) -> None:
-    inputs = InputSet(reference_dir, cases.get("inputs", "inputs.json"))
-    selected = [c for c in cases["cases"] if c["component"] == component]
-    assert selected, f"cases.json has no {component} case"
-    results: list[str] = []
-    failures: list[str] = []
-    for case in selected:
-        runner = get_runner(case["component"], case["call"])
-        assert runner is not None, f"no runner for {component}/{case['call']}"
-        ref = load_file(str(reference_dir / case["file"]))
-        for run in dict.fromkeys(o["run"] for o in case["outputs"]):
-            dtype = RUN_DTYPES[run]
-            outs = [o for o in case["outputs"] if o["run"] == run]
-            ctx = CaseContext(
-                case=case,
-                dtype=dtype,
-                inputs=inputs.resolve_all(case["inputs"], dtype),
-                params=dict(case.get("params") or {}),
-                wanted={o["value"] for o in outs},
-                rule_state_dict=rules,
-                directory=str(reference_dir),
-            )
-            with torch.inference_mode():  # as the checker runs them
-                values = runner(ctx)
-            for o in outs:
-                ours, expected = values[o["value"]], ref[o["key"]]
-                assert ours.dtype == dtype, f"{case['id']} {o['value']}: {ours.dtype} in a {run} run"
-                assert tuple(ours.shape) == tuple(expected.shape), f"{case['id']} {o['key']}: shape"
-                err = rel_l2(ours, expected)
-                ok = torch.equal(ours.double(), expected.double()) if o["tol"] == 0 else err <= o["tol"]
-                line = f"{case['id']} {o['value']} {run} ({o['key']}): rel={err:.2e} tol={o['tol']:g}"
-                results.append(line)
-                if not ok or math.isnan(err):
-                    failures.append(line)
-            del values, ctx
-    print("\n".join(results))
-    assert not failures, "\n".join(failures)
 
 
 @pytest.mark.parametrize(

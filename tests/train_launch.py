@@ -17,6 +17,9 @@ REPO = Path(__file__).resolve().parent.parent
 def job_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SELVA_FAULT"))}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    # Nothing here compiles, but DeepSpeed's ZeRO optimizer check imports its Muon kernels, whose
+    # torch.compile decorators load the inductor (~4 s per rank, every job); this makes them no-ops
+    env["TORCHDYNAMO_DISABLE"] = "1"
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     env.update(extra)

@@ -156,4 +156,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything is written and closed by now. Interpreter shutdown would still walk the millions of
+    # objects torch, DeepSpeed and MLflow leave behind (3-4 s per rank on a CPU, measured); frozen
+    # objects are skipped by that final collection. Files and atexit handlers are unaffected.
+    import gc
+
+    gc.freeze()
+    sys.exit(code)

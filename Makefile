@@ -15,10 +15,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# lint first (a second): CI runs `make test`, so style errors fail it too
+# lint first (a second): CI runs `make test`, so style errors fail it too. Two pytest workers, one test
+# file each at a time (module fixtures stay in one process): half the suite's wall time is Ray start-up,
+# process launch and waiting, so one worker leaves a core idle (tests/conftest.py: one torch thread each)
 test: $(STAMP)
 	$(BIN)/ruff check selva selva_cli preprocessing pipelines training tests benchmarks
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 demo: $(STAMP)
 	$(BIN)/selva demo

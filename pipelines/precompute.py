@@ -156,18 +156,9 @@ def _input_failure(problem: ManifestProblem) -> InputFailure:
 
 
 def _encoder_description(cfg: PrecomputeConfig) -> dict[str, dict]:
-    preset = get_preset(cfg.preset)
-    if cfg.encoders == "embedded":
-        return {
-            "t5": {"name": "minilm-l6-v2+fixed-projection", "dim": preset.textsynch.text_dim},
-            "clip_text": {"name": "minilm-l6-v2+fixed-projection", "dim": preset.generator.text_dim},
-            "codec": {"name": "log-mel", "latent_dim": preset.generator.latent_dim},
-        }
-    return {
-        "t5": {"name": "flan-t5-base", "dim": preset.textsynch.text_dim},
-        "clip_text": {"name": "DFN5B-CLIP-ViT-H-14-384", "dim": preset.generator.text_dim},
-        "codec": {"name": "mmaudio-vae-16k", "latent_dim": preset.generator.latent_dim},
-    }
+    from selva.encoders import describe_encoders
+
+    return describe_encoders(cfg.encoders, get_preset(cfg.preset))
 
 
 def _versions() -> dict[str, str]:

@@ -88,7 +88,7 @@ __all__ = [
 @dataclass
 class DecodedClip:
     frames: np.ndarray  # (T, S, S, 3) uint8, RGB
-    audio: np.ndarray  # (N,) float32, peak-normalised to TRAIN_PEAK
+    audio: np.ndarray  # (N,) float32, peak-normalised to TRAIN_PEAK; empty when decoded with_audio=False
     peak: float  # raw peak of the mono 16 kHz audio before normalisation
     info: MediaInfo
     start: float
@@ -110,11 +110,13 @@ def _seek(container: av.container.InputContainer, stream: av.VideoStream, time: 
 
 def _decode_range(
     container: av.container.InputContainer, origin: float, t0: float, t_end: float, n_frames: int, fps: int,
-    frame_size: int, sample_rate: int, seek_to: float | None, threads: int,
-) -> tuple[FramePicker, AudioCollector]:  # fmt: skip
-    """One pass over [t0, t_end) (container clock) on a freshly opened container; seeks to ``seek_to`` first."""
-    vstream, astream = video_stream(container), container.streams.best("audio")
-    assert vstream is not None and astream is not None
+    frame_size: int, sample_rate: int, seek_to: float | None, threads: int, with_audio: bool = True,
+) -> tuple[FramePicker, AudioCollector | None]:  # fmt: skip
+    """One pass over [t0, t_end) (container clock) on a freshly opened container; seeks to ``seek_to`` first.
+    ``with_audio=False``: the video stream alone is demuxed and no audio collected (None)."""
+    vstream = video_stream(container)
+    astream = container.streams.best("audio") if with_audio else None
+    assert vstream is not None and (astream is not None or not with_audio)
     # Slice threads only: frame threading (AUTO) can deadlock in avcodec_free_context when a decode
     # stops early and the container closes (seen in Ray workers; PyAV issues 909 and 367). Set before
     # the codec opens, hence a fresh container for every pass.
@@ -123,13 +125,16 @@ def _decode_range(
     if seek_to is not None and vstream.time_base is not None:
         _seek(container, vstream, seek_to)
     picker = FramePicker(t0, n_frames, fps, frame_size, threads, need_key=seek_to is not None)
-    first_audio = astream.start_time * astream.time_base if astream.start_time is not None else None
-    audio = AudioCollector(
-        sample_rate, origin, float(first_audio) if first_audio is not None else None, astream.codec_context.frame_size
-    )
-    audio_done = False
+    audio: AudioCollector | None = None
+    if astream is not None:
+        first_audio = astream.start_time * astream.time_base if astream.start_time is not None else None
+        audio = AudioCollector(
+            sample_rate, origin, float(first_audio) if first_audio is not None else None,
+            astream.codec_context.frame_size,
+        )
+    audio_done = audio is None
     try:
-        for packet in container.demux(vstream, astream):
+        for packet in container.demux(*[s for s in (vstream, astream) if s is not None]):
             if packet.stream is vstream:
                 if picker.done:
                     continue
@@ -139,7 +144,7 @@ def _decode_range(
                         picker.key_time = float(stamp * packet.time_base)
                 for frame in packet.decode():
                     picker.push(frame)
-            elif not audio_done:
+            elif audio is not None and not audio_done:
                 for frame in packet.decode():
                     audio.push(frame)
                     audio_done = audio_done or (frame.time is not None and frame.time >= t_end)
@@ -151,14 +156,15 @@ def _decode_range(
         # A damaged tail (a truncated download): keep what decoded; the length checks decide.
         picker.stream_error = ffmpeg_reason(err)
     picker.finish()
-    audio.push(None)  # flush the resampler's delayed tail
+    if audio is not None:
+        audio.push(None)  # flush the resampler's delayed tail
     return picker, audio
 
 
-def _landed(picker: FramePicker, audio: AudioCollector, t0: float) -> bool:
+def _landed(picker: FramePicker, audio: AudioCollector | None, t0: float) -> bool:
     """Whether a pass that began with a seek saw everything a decode from the top would at t0."""
     video_ok = picker.first_time is not None and picker.first_time <= t0 + PTS_TOLERANCE_S
-    audio_ok = audio.first_time is not None and audio.first_time <= t0 - AUDIO_PREROLL_S
+    audio_ok = audio is None or (audio.first_time is not None and audio.first_time <= t0 - AUDIO_PREROLL_S)
     return video_ok and audio_ok and picker.stream_error is None  # an error after a seek: try earlier
 
 
@@ -183,8 +189,13 @@ def decode_clip(
     name: str | None = None,
     threads: int = 0,
     io_timeout_s: float = IO_TIMEOUT_S,
+    with_audio: bool = True,
 ) -> DecodedClip:
     """Decode [start, start + duration) of ``source`` into sync frames and training audio.
+
+    ``with_audio=False`` is generation's path (a silent or audio-less video is its normal input): the
+    same frame logic, the audio stream neither needed nor decoded; ``audio`` is then empty and
+    ``peak`` 0.
 
     ``start`` and ``duration`` are seconds on the file's own time line, counted from the container's
     start time. Raises :class:`Rejected` (missing_file, undecodable, no_video, no_audio, too_short,
@@ -203,7 +214,7 @@ def decode_clip(
         info = probe_container(container, label, size)
         if info.video is None:
             raise Rejected(RejectReason.NO_VIDEO, f"{label}: no video stream ({info.stream_summary()})")
-        if container.streams.best("audio") is None:
+        if with_audio and container.streams.best("audio") is None:
             raise Rejected(RejectReason.NO_AUDIO, f"{label}: no audio stream ({info.stream_summary()})")
         origin = container.start_time / av.time_base if container.start_time is not None else 0.0
         t0, t_end = origin + start, origin + start + duration
@@ -219,7 +230,7 @@ def decode_clip(
                 if container is None:  # an unseekable file object: keep what the first pass found
                     break
             try:
-                result = _decode_range(container, *args, seek_to=seek_to, threads=threads)
+                result = _decode_range(container, *args, seek_to=seek_to, threads=threads, with_audio=with_audio)
             except av.FFmpegError as err:  # after a seek: it landed on something undecodable, try earlier
                 if is_transient(err):  # not the file's fault: the caller decides whether to retry
                     raise
@@ -236,6 +247,9 @@ def decode_clip(
     padded_frames = check_video(picker, label, start, duration, info.duration)
     orientation = picker.orientation or IDENTITY
     info = info.with_orientation(info.video.index, orientation)
+    if audio is None:
+        return DecodedClip(picker.out, np.zeros(0, np.float32), 0.0, info, start, duration, fps, sample_rate,
+                           padded_frames, 0, orientation)
     waveform, padded_samples = place_audio(audio, label, t0, start, duration, seq.num_audio_frames)
     peak = float(np.max(np.abs(waveform)))
     if not peak > SILENCE_PEAK:  # also catches NaN

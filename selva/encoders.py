@@ -77,3 +77,32 @@ def build_encoders(
     codec = build_codec(kind, preset, weights_dir, device, decoder=decoder)
     t5, clip = build_text_encoders(kind, preset, weights_dir, device=device)
     return FrozenEncoders(kind, codec, t5, clip)
+
+
+# What a dataset records about its encoders (dataset.json "encoders") and an export repeats (export.json):
+# the names say the family, the widths must fit the preset (training/train_data.py checks them)
+_ENCODER_NAMES = {
+    "embedded": {"t5": "minilm-l6-v2+fixed-projection", "clip_text": "minilm-l6-v2+fixed-projection",
+                 "codec": "log-mel"},
+    "official": {"t5": "flan-t5-base", "clip_text": "DFN5B-CLIP-ViT-H-14-384", "codec": "mmaudio-vae-16k"},
+}
+
+
+def describe_encoders(kind: str, preset: ModelPreset) -> dict[str, dict]:
+    """The ``encoders`` record of a dataset made with family ``kind`` for ``preset``."""
+    _check_kind(kind)
+    names = _ENCODER_NAMES[kind]
+    return {
+        "t5": {"name": names["t5"], "dim": preset.textsynch.text_dim},
+        "clip_text": {"name": names["clip_text"], "dim": preset.generator.text_dim},
+        "codec": {"name": names["codec"], "latent_dim": preset.generator.latent_dim},
+    }
+
+
+def encoder_family(description: dict) -> str:
+    """The family (``embedded``/``official``) of an ``encoders`` record; ValueError for one we did not write."""
+    names = {role: (description.get(role) or {}).get("name") for role in ("t5", "clip_text", "codec")}
+    for kind, known in _ENCODER_NAMES.items():
+        if names == known:
+            return kind
+    raise ValueError(f"encoders {names} are neither the embedded nor the official family")

@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optional(subparsers, "pipelines.precompute_cli")
     _add_optional(subparsers, "training.data_check_cli")
     _add_optional(subparsers, "training.train_cli")
+    _add_optional(subparsers, "training.generate_cli")
     _add_presets(subparsers)
     _add_optional(subparsers, "pipelines.demo")
     return parser

@@ -82,13 +82,15 @@ def export_final(
     config: Mapping[str, Any],
     ema_weights: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     ema_sigma_rel: float | None = None,
+    encoders: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``out_dir/final/`` atomically and return its path.
 
     ``ema_weights`` maps ``"textsynch"``/``"generator"`` to synthesised weights (e.g.
     ``PostHocEMATracker.synthesize``) that replace that module's raw weights; ``ema_sigma_rel`` is
-    recorded with them. Raises ``ValueError`` for an unknown module name or EMA key, and YAML errors
-    when ``config`` is not plain data, before anything in ``out_dir`` changes."""
+    recorded with them. ``encoders`` is the training dataset's ``encoders`` record (dataset.json): generation
+    picks the same text encoders and codec from it. Raises ``ValueError`` for an unknown module name or EMA
+    key, and YAML errors when ``config`` is not plain data, before anything in ``out_dir`` changes."""
     out_dir = Path(out_dir)
     ema_weights = dict(ema_weights or {})
     unknown = sorted(set(ema_weights) - set(MODULES))
@@ -105,6 +107,8 @@ def export_final(
     try:
         (tmp / "weights").mkdir()
         record: dict[str, Any] = {"preset": preset_name, "modules": {}}
+        if encoders is not None:
+            record["encoders"] = dict(encoders)
         for name in MODULES:
             ema = name in ema_weights
             meta = {"preset": preset_name, "ema": str(ema).lower()}

@@ -372,12 +372,15 @@ class Trainer:
 
     def export(self) -> Path:
         """Rank 0: ``out/final/`` with the EMA weights of the trained modules (training/export.py)."""
+        from preprocessing.shards import read_dataset_info
         from training.export import export_final
 
         ema = self.ema.export_weights() if self.ema is not None else None
+        # the preflight made all datasets agree; batches given by a test come from no dataset
+        encoders = read_dataset_info(self.cfg.dataset[0].path).encoders if self.dataset_fp != "fixed-batches" else None
         export_final(self.out, textsynch=self.models.textsynch, generator=self.models.generator,
                      preset_name=self.cfg.preset, config=to_dict(self.cfg), ema_weights=ema,
-                     ema_sigma_rel=self.cfg.ema.export_sigma_rel if ema is not None else None)
+                     ema_sigma_rel=self.cfg.ema.export_sigma_rel if ema is not None else None, encoders=encoders)
         return self.out / "final"
 
     def resolved(self) -> dict[str, Any]:

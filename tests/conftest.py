@@ -64,6 +64,24 @@ def train_world(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_export(train_world, tmp_path_factory) -> Path:
+    """A tiny checkpoint from the trainer: ``selva``'s training entry point, 2 steps on ``train_world``,
+    one process; returns its ``final/`` folder (an export with its encoders recorded)."""
+    import subprocess
+    import sys
+
+    from tests.train_launch import REPO, explain, job_env
+
+    out = tmp_path_factory.mktemp("tiny-export") / "run"
+    cmd = [sys.executable, "-m", "training.train", "--config", "configs/train/tiny.yaml", f"dataset={train_world}",
+           f"out={out}", "steps=2", "checkpoint_every=2", "loader.batch_size=2", "loader.num_workers=0",
+           "validation.audio_clips=0", f"tracking_uri=sqlite:///{out.parent / 'mlflow.db'}"]
+    result = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, explain(result)
+    return out / "final"
+
+
 # The longest test files, longest first: `make test` hands whole files to two workers in collection
 # order, and a long file that starts last runs alone while the other core idles (measured: 672 s with
 # check-reference last; 685 s with it first and test_precompute.py, the longest under contention, third)

@@ -89,7 +89,8 @@ class EmbeddedCodec(nn.Module):
         # restore the frame centred past the end that encode dropped
         mag = F.pad(mag, (0, 1), mode="replicate")
         gen = torch.Generator(device="cpu").manual_seed(0)  # fixed phase seed: decoding is deterministic
-        phase = torch.rand(mag.shape, generator=gen).to(mag.device) * 2 * torch.pi
+        # one phase draw shared by the batch: a clip decodes to the same wave alone or at any batch position
+        phase = torch.rand(mag.shape[1:], generator=gen).to(mag.device).expand_as(mag) * 2 * torch.pi
         spec = mag * torch.exp(1j * phase)
         previous = torch.zeros_like(spec)
         for _ in range(c.griffin_lim_iters):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from selva.checkpoint import load_strict, read_state_dict
+from selva.checkpoint import load_strict, read_state_dict, skip_init
 from selva.generator import Generator
 from selva.presets import ModelPreset
 from selva.text.clip import find_clip_weights
@@ -77,7 +77,8 @@ _TEXTSYNCH_PREFIXES = (
 
 def load_generator(path: str | os.PathLike, preset: ModelPreset) -> Generator:
     state = {k: v for k, v in read_state_dict(path).items() if k not in _GENERATOR_DERIVED}
-    generator = preset.build_generator()
+    with skip_init():  # load_strict sets every tensor
+        generator = preset.build_generator()
     load_strict(generator, state, str(path))
     return generator
 
@@ -86,7 +87,8 @@ def load_textsynch(path: str | os.PathLike, preset: ModelPreset) -> tuple[TextSy
     """Load SELVA's TextSynch; returns the module and the checkpoint keys dropped (as the release does)."""
     state = read_state_dict(path)
     kept = {k: v for k, v in state.items() if k.startswith(_TEXTSYNCH_PREFIXES)}
-    textsynch = preset.build_textsynch()
+    with skip_init():  # load_strict sets every tensor
+        textsynch = preset.build_textsynch()
     load_strict(textsynch, kept, str(path))
     return textsynch, sorted(set(state) - set(kept))
 

@@ -7,13 +7,11 @@ loader as released checkpoints.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from selva.checkpoint import load_strict
+from selva.checkpoint import load_strict, skip_init
 from selva.generator import FlowTrace, Generator, PreprocessedConditions
 from selva.presets import SMALL_16K
 from selva.reference.runners import CaseContext, register
@@ -28,30 +26,11 @@ _BUILDERS = {
 }
 
 
-_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "xavier_uniform_", "xavier_normal_", "kaiming_uniform_",
-                   "kaiming_normal_", "zeros_", "ones_", "constant_")
-
-
-@contextlib.contextmanager
-def _no_random_init() -> Iterator[None]:
-    """Module construction without ``torch.nn.init``'s fills: every parameter and persistent buffer is
-    then overwritten by a strict load of the rule weights, so the fills (~19 s of uniform draws per
-    check of the official sizes) were wasted. Buffers computed in constructors are untouched."""
-    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
-    try:
-        for name in _INIT_FUNCTIONS:
-            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(torch.nn.init, name, fn)
-
-
 def _build(ctx: CaseContext) -> torch.nn.Module:
     model = ctx.case.get("model")
     if model not in _BUILDERS:
         raise NotImplementedError(f"no module of ours corresponds to the official model {model!r}")
-    with _no_random_init():
+    with skip_init():  # the strict load of the rule weights sets every tensor
         module = _BUILDERS[model]()
     load_strict(module, ctx.rule_state_dict(model), f"rule weights of {model}")  # strict: every tensor set
     return module.eval()

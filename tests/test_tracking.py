@@ -144,6 +144,29 @@ def _sqlite(tmp_path, **kwargs) -> TrackingConfig:
                           artifact_location=str(tmp_path / "artifacts"), **kwargs)
 
 
+def test_a_job_stopped_before_it_learned_its_run_id_continues_the_run_by_its_tag(tmp_path):
+    """A loaded machine: the first part of a job checkpointed and stopped before its tracker had created
+    the run, so no checkpoint holds the id. Resumed, the job finds its run by the job tag: one run."""
+    from mlflow.tracking import MlflowClient
+
+    config = _sqlite(tmp_path)
+    first = Tracker(config)
+    first.start_run("selva-test", "job", tags={"selva_job": "abc"}, job=("selva_job", "abc"))
+    first.log_metrics({"loss": 1.0}, step=1)
+    run_id = first.close(deadline_s=CEILING_S).run_id
+    other = Tracker(config)  # another job in the same experiment: its own run
+    other.start_run("selva-test", "other", tags={"selva_job": "xyz"}, job=("selva_job", "xyz"))
+    assert other.close(deadline_s=CEILING_S).run_id != run_id
+    second = Tracker(config)
+    second.start_run("selva-test", "job", tags={"selva_job": "abc"}, job=("selva_job", "abc"))  # no run_id
+    second.log_metrics({"loss": 0.5}, step=2)
+    assert second.close(deadline_s=CEILING_S).run_id == run_id
+    client = MlflowClient(config.uri)
+    runs = client.search_runs([client.get_experiment_by_name("selva-test").experiment_id])
+    assert len(runs) == 2
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2]
+
+
 def test_a_resumed_job_continues_its_run_by_id(tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 

@@ -39,6 +39,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     many.add_argument("--manifest", type=Path, help="a clip table (id, label/caption/text, optional path, start, "
                       "duration, negative) or a benchmark folder (selva benchmark build)")
     many.add_argument("--batch-size", type=int, default=8, help="clips per sampler call (default 8)")
+    many.add_argument("--ray-workers", type=int, default=0,
+                      help="split the list over N Ray workers (RAY_ADDRESS: that cluster; else a local Ray) "
+                      "instead of torchrun ranks")
+    many.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray worker (default 0: CPU)")
     p.add_argument("--steps", type=int, default=25, help="Euler steps (default 25, as the official inference)")
     p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance strength (default 4.5)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (batch mode: each item's seed derives from it)")
@@ -100,6 +104,18 @@ def _run_manifest(args: argparse.Namespace, model: Any) -> int:
         items, rejected = items_from_table(args.manifest)
     for line in rejected if rank == 0 else []:
         print(f"skipped: {line}", file=sys.stderr)
+    if args.ray_workers > 0:
+        from pipelines.generate_ray import run_on_ray
+
+        merged = run_on_ray(args.checkpoint, args.weights, items, args.out, workers=args.ray_workers,
+                            steps=args.steps, cfg=args.cfg, seed=args.seed, batch_size=max(1, args.batch_size),
+                            gpus_per_worker=args.gpus_per_worker)
+        for line in merged["failures"]:
+            print(f"failed: {line}", file=sys.stderr)
+        failed = sum(merged["failed"].values())
+        print(f"{args.ray_workers} Ray workers: generated {merged['generated']}, already done "
+              f"{merged['done_before']}, failed {failed}")
+        return 1 if failed else 0
     share = len(items[rank::world])
     with tqdm(total=share, desc=f"generate rank {rank}/{world}", unit="clip", disable=None) as bar:
         report = run_items(model, items, args.out, steps=args.steps, cfg=args.cfg, seed=args.seed,

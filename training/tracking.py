@@ -106,6 +106,7 @@ class _RunSpec:
     params: dict[str, str]
     tags: dict[str, str]
     resume_id: str | None  # the run to continue, else None: create one
+    job: tuple[str, str] | None = None  # (tag, value) naming the job: without resume_id, its run is continued
     run_id: str | None = None  # set by the thread, under the tracker's lock
 
 
@@ -170,19 +171,22 @@ class Tracker:
     # ---- the job's side: enqueue only -------------------------------------------------------
 
     def start_run(self, experiment: str, run_name: str, params: dict[str, Any] | None = None,
-                  tags: dict[str, Any] | None = None, run_id: str | None = None) -> None:
+                  tags: dict[str, Any] | None = None, run_id: str | None = None,
+                  job: tuple[str, str] | None = None) -> None:
         """Name the run and start the background thread; the run is created there, lazily.
 
         With ``run_id``, that existing run is continued instead (its status goes back to RUNNING;
         ``experiment`` and ``run_name`` are then unused). Params it already holds with the same
         value count as sent; one it holds with another value is not logged (MLflow refuses the
-        change), counts as dropped and is named in one warning line.
+        change), counts as dropped and is named in one warning line. ``job`` = (tag, value): without
+        ``run_id``, an existing run of the experiment with that tag is continued (the job's earlier part
+        stopped before a checkpoint learned the run's id), else a new run is made.
         Raises RuntimeError when called twice."""
         with self._lock:
             if self._spec is not None:
                 raise RuntimeError("a Tracker logs one run; start_run was already called")
             self._spec = _RunSpec(experiment, run_name, {k: str(v) for k, v in (params or {}).items()},
-                                  {k: str(v) for k, v in (tags or {}).items()}, run_id)
+                                  {k: str(v) for k, v in (tags or {}).items()}, run_id, job)
             self._submitted += len(self._spec.params) + len(self._spec.tags)
         for name, value in ((TIMEOUT_ENV, self.config.request_timeout_s), (RETRIES_ENV, self.config.max_retries)):
             os.environ.setdefault(name, str(value))
@@ -353,7 +357,7 @@ class Tracker:
         assert spec is not None  # the thread starts in start_run
         self._record_thread()
         if run.run_id is None:
-            run_id = run.open(spec.experiment, spec.run_name, spec.resume_id)
+            run_id = run.open(spec.experiment, spec.run_name, spec.resume_id, spec.job)
             with self._lock:
                 spec.run_id = run_id
                 if spec.resume_id is not None and run_id != spec.resume_id:

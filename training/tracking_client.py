@@ -73,14 +73,20 @@ class RunClient:
         self.run_id: str | None = None
         self._params: dict[str, str] = {}  # what the run holds, to log only new or unchanged params
 
-    def open(self, experiment: str, run_name: str, run_id: str | None) -> str:
+    def open(self, experiment: str, run_name: str, run_id: str | None, job: tuple[str, str] | None = None) -> str:
         """Create a run named ``run_name`` in ``experiment`` (created if missing) or, given
         ``run_id``, continue that run: its status goes back to RUNNING and its name and experiment
         stay as they are. Returns the run's id. An id this store does not hold (the job resumed against
         another tracking server, or from a checkpoint copied from another run) starts a new run tagged
-        ``continues_run=<id>``: the caller sees the new id differ from the one it asked for."""
+        ``continues_run=<id>``: the caller sees the new id differ from the one it asked for.
+        ``job`` = (tag, value): without ``run_id``, a run of ``experiment`` with that tag is continued
+        (a job stopped before its first checkpoint learned the run's id); else a new run is made."""
         from mlflow.exceptions import MlflowException
 
+        if run_id is None and job is not None:
+            found = self._client.search_runs([self._experiment_id(experiment)],
+                                             filter_string=f"tags.{job[0]} = '{job[1]}'", max_results=1)
+            run_id = found[0].info.run_id if found else None
         if run_id is not None:
             try:
                 run = self._client.get_run(run_id)

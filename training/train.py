@@ -27,6 +27,7 @@ from training.stop_signal import install_signal_handlers
 from training.train_config import ConfigError, TrainConfig, flatten, load_config, redact, to_dict, to_yaml
 
 TRACKING_CLOSE_S = 10.0  # the exit flush waits at most this long for a tracking server
+JOB_TAG = "selva_job"  # the MLflow tag naming a training job across resumes (Trainer.job_id)
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -64,10 +65,11 @@ def start_tracking(cfg: TrainConfig, trainer: Any, world: Any) -> Any:
     tags = {
         "git_commit": git_commit(), "dataset_fingerprint": trainer.dataset_fp, "world_size": world.world_size,
         "nodes": nodes, "stage": cfg.stage, "preset": cfg.preset,
-        "deepspeed_config": json.dumps(trainer.resolved()["deepspeed"], sort_keys=True),
+        "deepspeed_config": json.dumps(trainer.resolved()["deepspeed"], sort_keys=True), JOB_TAG: trainer.job_id,
     }
     name = cfg.run_name or f"{cfg.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
-    tracker.start_run(cfg.experiment, name, params=flatten(to_dict(cfg)), tags=tags, run_id=trainer.run_id)
+    tracker.start_run(cfg.experiment, name, params=flatten(to_dict(cfg)), tags=tags, run_id=trainer.run_id,
+                      job=(JOB_TAG, trainer.job_id))
     for entry in cfg.dataset:
         tracker.log_input(Path(entry.path).name, trainer.dataset_fp, str(Path(entry.path).resolve()),
                           profile=dataset_profile(cfg))

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,9 @@ class Trainer:
         self.skipped = 0
         self.bad_in_row = 0
         self.run_id: str | None = None
+        # names this job across resumes (checkpoint markers, the MLflow run's tag "selva_job"): a job stopped
+        # before a checkpoint learned the run's id still finds its run when resumed (rank 0's value counts)
+        self.job_id = uuid.uuid4().hex
         self.config_hash = config_hash(cfg)
         # the caller may already hold it (train.py computes it once, for the resume decision)
         self.dataset_fp = dataset_fp or (dataset_fingerprint(cfg) if batches is None else "fixed-batches")
@@ -225,7 +229,7 @@ class Trainer:
             marker = {
                 "step": self.step, "world_size": self.world.world_size, "config_hash": self.config_hash,
                 "config": resume_fingerprint(self.cfg), "dataset": self.dataset_fp, "run_id": self.run_id,
-                "time": time.time(),
+                "job_id": self.job_id, "time": time.time(),
             }
             ck.write_json_atomic(folder / ck.MARKER, marker)
             ck.clean_incomplete(self.ckpt_root, self.cfg.keep_checkpoints)
@@ -244,6 +248,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.load(found.folder / "ema.pt", step=self.step)
         self.run_id = found.marker.get("run_id")
+        self.job_id = found.marker.get("job_id") or self.job_id
 
     # ------------------------------------------------------------------------------ the loop
     def run(self, *, on_step=None, on_log=None) -> dict[str, Any]:

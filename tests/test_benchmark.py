@@ -232,6 +232,12 @@ def test_cli_builds_and_refuses_a_foreign_folder(table, tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
     assert "rejected row 5 (line 6) id='mute'" in capsys.readouterr().err
     assert len(read_benchmark(tmp_path / "b")) == 16
+    # a rebuild with other options into the same folder leaves exactly the new plan's files
+    assert main([*args[:-1], "2", "--out", str(tmp_path / "b")]) == 0
+    items = read_benchmark(tmp_path / "b")
+    assert len(items) == 24
+    media = {p for p in (tmp_path / "b").rglob("*") if p.suffix in (".mp4", ".flac")}
+    assert media == {i.video for i in items} | {i.target_audio for i in items}
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     assert main([*args, "--out", str(tmp_path / "mine")]) == 1

@@ -45,7 +45,7 @@ from preprocessing.input_rows import Collisions, judge_row, prompt_text
 from preprocessing.input_table import read_input_table
 from preprocessing.manifest import resolve_media_path
 from preprocessing.media import TRAIN_PEAK, decode_clip
-from preprocessing.shards import atomic_target, write_json_atomic
+from preprocessing.shards import TMP_SUFFIX, atomic_target, write_json_atomic
 from training.benchmark_plan import DEFAULT_PARTNERS, SAFE_ID, SUBSETS, BenchClip, PlannedItem, plan_items
 from training.benchmark_read import BenchmarkError
 
@@ -97,10 +97,10 @@ def _read_rows(table_path: Path, options: BuildOptions) -> tuple[list[tuple[Benc
     rejected: list[Rejection] = []
     for item in table.rows:
         clip, problem = judge_row(item, table, options.duration, "test")
-        raw_id = str(item.values.get("id") or "").strip()
         if problem is not None:
-            rejected.append(Rejection(item.row, item.line, raw_id, str(item.values.get("path") or ""), problem.kind,
-                                      problem.message))
+            raw_path = str(item.values.get("path") or "").strip() or (f"{problem.id}.mp4" if problem.id else "")
+            path = resolve_media_path(raw_path, root) if raw_path else ""
+            rejected.append(Rejection(item.row, item.line, problem.id, path, problem.kind, problem.message))
             continue
         assert clip is not None
         path = resolve_media_path(clip.path, root)
@@ -182,14 +182,23 @@ def _write_csv(path: Path, columns: tuple[str, ...], rows: list[tuple]) -> None:
 
 
 def _prepare_out(out: Path, planned: set[Path]) -> None:
-    """Refuse a folder that is not ours; in one of ours, remove composites and references the new
-    plan does not have (an earlier build with other options) and temporaries left by a kill."""
+    """Refuse a folder that is not ours. In one of ours, first drop the old metadata (so no metadata
+    row can outlive its files if this build dies), then the composites and references the new plan
+    does not have (an earlier build with other options) and temporaries left by a kill."""
+    if out.exists() and not out.is_dir():
+        raise BenchmarkError(f"{out}: is a file; --out wants a folder")
     if out.exists() and any(out.iterdir()) and not (out / "build.json").is_file():
         raise BenchmarkError(f"{out}: exists, is not empty and holds no build.json: not overwriting it")
     for subset in SUBSETS:
+        (out / subset / "metadata.csv").unlink(missing_ok=True)
+    (out / "rejected.csv").unlink(missing_ok=True)
+    for folder in (out, *(out / s for s in SUBSETS)):
+        for tmp in folder.glob(f".*{TMP_SUFFIX}") if folder.is_dir() else ():
+            tmp.unlink()
+    for subset in SUBSETS:
         for folder in (out / subset / "mixed", out / subset / "target_audio"):
-            for path in folder.glob("*") if folder.is_dir() else ():
-                if path.is_file() and path not in planned and path.suffix in (".mp4", ".flac", ".tmp"):
+            for path in folder.iterdir() if folder.is_dir() else ():
+                if path.is_file() and path not in planned and path.suffix in (".mp4", ".flac", TMP_SUFFIX):
                     path.unlink()
 
 

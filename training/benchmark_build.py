@@ -249,7 +249,10 @@ def build_benchmark(
         (out / subset).mkdir(parents=True, exist_ok=True)
         _write_csv(out / subset / "metadata.csv", METADATA_COLUMNS, [_metadata_row(i) for i in chosen])
         result.items[subset] = len(chosen)
-        log(f"{subset}: {len(chosen)} composites ({len(chosen) // 2} pairs, both placements)")
+        why = ""
+        if subset == "intra_class" and not chosen and not any(c.category for c in usable):
+            why = "; intra-class pairs need a category column (same category, another label)"
+        log(f"{subset}: {len(chosen)} composites ({len(chosen) // 2} pairs, both placements){why}")
     rejected_rows = [(r.row, "" if r.line is None else r.line, r.id, r.path, r.reason, r.message) for r in rejected]
     _write_csv(out / "rejected.csv", REJECTED_COLUMNS, rejected_rows)
     write_json_atomic(out / "build.json", {

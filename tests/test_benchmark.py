@@ -201,9 +201,16 @@ def test_read_benchmark_reads_the_released_layout(tmp_path):
     assert items[("inter_class", f"{a}_{b}_right")].target_audio is None
     intra = items[("intra_class", f"{a}_{b}_left")]
     assert (intra.negative, intra.placement, intra.target) == ("train wheels squealing", "left", a)
-    (tmp_path / "intra_class" / "metadata.csv").write_text("file_name,label\nmissing.mp4,x\n")
-    with pytest.raises(BenchmarkError, match="line 2: no file .*missing.mp4"):
-        read_benchmark(tmp_path)
+    broken = {
+        "file_name,label\nmissing.mp4,x\n": "line 2: no file .*missing.mp4",
+        f"file_name,label\n{a}_{b}_left.mp4,x\nmixed/{a}_{b}_left.mp4,x\n": "line 3: .* listed again",
+        f"file_name,label,placement\n{a}_{b}_left.mp4,x,middle\n": "placement 'middle'",
+        f"file_name,caption\n{a}_{b}_left.mp4,x\n": "no column label",
+    }
+    for text, error in broken.items():
+        (tmp_path / "intra_class" / "metadata.csv").write_text(text)
+        with pytest.raises(BenchmarkError, match=error):
+            read_benchmark(tmp_path)
 
 
 def _clip(clip_id: str, label: str, category: str | None = None) -> BenchClip:

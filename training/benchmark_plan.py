@@ -69,7 +69,7 @@ class PlannedItem:
 
     @property
     def name(self) -> str:
-        """``<target>_<partner>_<placement>``: the release's naming (its example composite
+        """``<target>_<partner>_<placement>``: the official repository's naming (its example composite
         ``3qesirWAGt4_000020_AHom7lBbtoY_000030_left`` asks for the first clip's "dog barking")."""
         return f"{self.target.id}_{self.partner.id}_{self.placement}"
 

@@ -119,6 +119,9 @@ def test_target_pixels_are_on_the_stated_side(built):
             on_target, on_partner = (left, right) if row["placement"] == "left" else (right, left)
             assert np.abs(on_target - target).max() < 12, (row, on_target)
             assert np.abs(on_partner - partner).max() < 12, (row, on_partner)
+    # target dog left of cat is the composite of target cat right of dog: encoded once, the same bytes
+    mixed = out / "intra_class" / "mixed"
+    assert (mixed / "dog_1_cat_1_left.mp4").read_bytes() == (mixed / "cat_1_dog_1_right.mp4").read_bytes()
 
 
 def _tone_level(wave: np.ndarray, hz: float, rate: int = RATE) -> float:

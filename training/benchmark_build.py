@@ -31,7 +31,7 @@ import hashlib
 import io
 import os
 import sys
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -175,6 +175,12 @@ def _progress(items: list, desc: str, unit: str) -> Iterable:
     return tqdm(items, desc=desc, unit=unit, file=sys.stderr, disable=None, mininterval=1.0, leave=False)
 
 
+def _sides(item: PlannedItem) -> tuple[str, str]:
+    """(left clip id, right clip id) of a composite."""
+    pair = (item.target.id, item.partner.id)
+    return pair if item.placement == "left" else (pair[1], pair[0])
+
+
 def _write_bytes(path: Path, data: bytes) -> None:
     with atomic_target(path) as tmp:
         tmp.write_bytes(data)
@@ -248,9 +254,17 @@ def build_benchmark(
     result = BuildResult(out, len(usable), rejected=rejected)
     for subset in SUBSETS:
         chosen = [i for i in items if i.subset == subset]
+        # "A left of B" is planned twice when both A -> B and B -> A are drawn (target A left, target
+        # B right): the same pixels and track, so the bytes of the first are kept for the second only
+        uses = Counter(_sides(i) for i in chosen)
+        pending: dict[tuple[str, str], bytes] = {}
         for item in _progress(chosen, subset, "composite"):
-            frames, mixture = composite(item, clips)
-            _write_bytes(out / subset / "mixed" / f"{item.name}.mp4", encode_av_mp4(frames, mixture, fps=FPS))
+            data = pending.pop(_sides(item), None)
+            if data is None:
+                data = encode_av_mp4(*composite(item, clips), fps=FPS)
+                if uses[_sides(item)] > 1:
+                    pending[_sides(item)] = data
+            _write_bytes(out / subset / "mixed" / f"{item.name}.mp4", data)
             _write_bytes(out / subset / "target_audio" / f"{item.name}.flac",
                          encode_flac(clips.audio[item.target.id], SAMPLE_RATE))  # fmt: skip
         (out / subset).mkdir(parents=True, exist_ok=True)

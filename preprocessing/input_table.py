@@ -7,7 +7,8 @@ rows into clips and judging them is ``preprocessing.manifest``'s job.
 Accepted layouts:
 
 * a header row naming the columns: ``id`` plus one text column (``caption``, ``label`` or ``text``);
-  optional ``path``, ``start``, ``duration``, ``split``; other columns are ignored;
+  optional ``path``, ``start``, ``duration``, ``split``, ``category`` (a coarse sound group, read only by
+  ``selva benchmark build``); other columns are ignored;
 * no header, two columns: ``id<TAB>label`` -- VGGSound's clip lists (``<youtubeid>_<start>``);
 * no header, four columns: the original ``vggsound.csv`` (``youtube_id,start_seconds,label,split``);
   the clip id becomes ``<youtube_id>_<start:06d>``, the name VGGSound downloads give the cut clips.
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 TEXT_COLUMNS = ("caption", "label", "text")
-OPTIONAL_COLUMNS = ("path", "start", "duration", "split")
+OPTIONAL_COLUMNS = ("path", "start", "duration", "split", "category")
 KNOWN_COLUMNS = ("id", *TEXT_COLUMNS, *OPTIONAL_COLUMNS)
 
 

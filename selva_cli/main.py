@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optional(subparsers, "training.data_check_cli")
     _add_optional(subparsers, "training.train_cli")
     _add_optional(subparsers, "training.generate_cli")
+    _add_optional(subparsers, "training.benchmark_cli")
     _add_presets(subparsers)
     _add_optional(subparsers, "pipelines.demo")
     return parser
@@ -78,10 +79,11 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from selva.reference.check import ReferenceFormatError
     from selva.reference.inputs import InputError
     from selva.weights import MissingWeightsError
+    from training.benchmark_read import BenchmarkError
 
     return (
         PrecomputeError, ManifestError, ShardError, CheckpointError, ReferenceFormatError, InputError,
-        MissingWeightsError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+        MissingWeightsError, BenchmarkError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
     )  # fmt: skip
 
 

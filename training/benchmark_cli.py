@@ -1,0 +1,55 @@
+"""``selva benchmark build``: the command line of ``training.benchmark_build`` (docs/benchmark.md)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from training.benchmark_plan import DEFAULT_PARTNERS
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "benchmark",
+        help="build a VGG-MonoAudio-style test set",
+        description="Test sets for selective generation: two single-source clips side by side, the model "
+        "asked for one of them by its label (docs/benchmark.md).",
+    )
+    actions = parser.add_subparsers(dest="benchmark_command", metavar="ACTION")
+    build = actions.add_parser(
+        "build",
+        help="composites, references and metadata from a table of single-source clips",
+        description="Write DIR/intra_class/ and DIR/inter_class/ (mixed/*.mp4, target_audio/*.flac, "
+        "metadata.csv) from a clip table (id, label, optional path, start, duration, category). "
+        "intra_class pairs need the category column: same category, different label. Rows that cannot "
+        "be used are printed, listed in DIR/rejected.csv, and skipped.",
+    )
+    build.add_argument("--clips", required=True, metavar="TABLE", help="clip table (TSV, CSV or Parquet)")
+    build.add_argument("--out", required=True, metavar="DIR", help="benchmark folder to write")
+    build.add_argument("--seed", type=int, default=0, help="partner choice seed (default 0)")
+    build.add_argument("--duration", type=float, default=8.0, help="seconds per clip (default 8)")
+    build.add_argument("--partners", type=int, default=DEFAULT_PARTNERS,
+                       help=f"partners per target and subset (default {DEFAULT_PARTNERS}); a pair gives 2 composites")
+    build.add_argument("--frame-size", type=int, default=224,
+                       help="pixels per side of each half (even; default 224, the sync encoder's input)")
+    build.add_argument("--media-root", help="where relative paths resolve (default: the table's folder)")
+    build.add_argument("--text-column", help="the prompt column when the table has several")
+    build.set_defaults(func=_run_build)
+    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    from training.benchmark_build import BuildOptions, build_benchmark
+
+    options = BuildOptions(
+        duration=args.duration, seed=args.seed, partners=args.partners, frame_size=args.frame_size,
+        media_root=args.media_root, text_column=args.text_column,
+    )  # fmt: skip
+    result = build_benchmark(args.clips, args.out, options)
+    total = sum(result.items.values())
+    print(f"{result.out}: {result.clips} clips -> " + ", ".join(f"{k} {v}" for k, v in result.items.items())
+          + f" composites; {len(result.rejected)} rows rejected (rejected.csv)")
+    if total == 0:
+        print("error: no composite could be built (need at least two usable clips with different labels)")
+        return 1
+    return 0

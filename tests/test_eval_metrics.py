@@ -65,7 +65,8 @@ def test_fd_on_too_few_files_names_the_metric_and_the_cause():
 def test_fd_with_an_imaginary_root_names_the_metric_and_the_ranks():
     # a covariance with a negative eigenvalue (what round-off can leave of a singular one): no real root
     with pytest.raises(MetricError) as err:
-        frechet_distance(GaussianStats(np.zeros(2), np.eye(2), 3), GaussianStats(np.zeros(2), np.diag([1.0, -1.0]), 3), "FD-PASST")
+        frechet_distance(GaussianStats(np.zeros(2), np.eye(2), 3),
+                         GaussianStats(np.zeros(2), np.diag([1.0, -1.0]), 3), "FD-PASST")
     message = str(err.value)
     assert message.startswith("FD-PASST: the square root of the covariance product has an imaginary diagonal up to 1")
     assert "generated: 3 vectors, rank 2; reference: 3 vectors, rank 2; width 2" in message and "\n" not in message

@@ -329,3 +329,28 @@ def test_a_metric_that_cannot_be_computed_is_one_line_and_the_others_are_kept():
     assert overall["KL-PASST-softmax"]["sha256"] == "ab" * 32 and overall["KAD-PASST"]["files"] == 6
     assert overall["KL-PASST-softmax"]["value"] == pytest.approx(np.mean(list(report.per_file["KL-PASST-softmax"]
                                                                               .values())), rel=1e-12)
+
+
+def test_files_are_embedded_in_order_in_batches_of_one_length(tmp_path, monkeypatch):
+    from training.embedders import Embeddings, WeightsRef
+    from training.evaluate import embed_files
+
+    monkeypatch.setattr("training.evaluate.LOAD_WINDOW", 2)  # 4 files in memory at a time
+
+    class Recorder:  # an embedder whose "embedding" is the waveform's length and first sample
+        name, model, sample_rate, batch_size = "rec", "recorder", 16_000, 2
+        weights = WeightsRef("/w", "0" * 64)
+        batches: list[list[int]] = []
+
+        def embed(self, waveforms):
+            self.batches.append([w.size for w in waveforms])
+            return Embeddings(vectors=np.array([[w.size, w[0]] for w in waveforms], dtype=np.float64))
+
+    seconds = [1.0, 0.5, 1.0, 1.0, 0.5, 1.0, 0.25]
+    paths = [_write_flac(tmp_path / f"{i}.flac", _tone(s, 16_000, 300, i)[0], 16_000) for i, s in enumerate(seconds)]
+    done = []
+    out = embed_files(Recorder(), paths, None, done.append)
+    np.testing.assert_array_equal(out.vectors[:, 0], [int(s * 16_000) for s in seconds])
+    np.testing.assert_allclose(out.vectors[:, 1], [load_audio(p, 16_000, None)[0] for p in paths], rtol=1e-6)
+    assert all(len(set(batch)) == 1 and len(batch) <= 2 for batch in Recorder.batches)
+    assert sum(done) == len(paths) and out.logits is None

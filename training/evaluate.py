@@ -36,6 +36,7 @@ from training.evaluate_data import Pairing, groups, load_audio
 
 FORMAT = "selva-evaluate/1"
 LABELS = {"clap": "CLAP", "passt": "PASST"}  # metric-name part per embedder (av-benchmark spelling)
+LOAD_WINDOW = 8  # batches of waveforms held in memory at once
 
 
 @dataclass
@@ -91,23 +92,28 @@ class Report:
 
 def embed_files(embedder: AudioEmbedder, paths: Sequence[Path], duration_s: float | None,
                 progress: Callable[[int], None] | None = None) -> Embeddings:
-    """Run ``embedder`` over ``paths`` in batches of equal-length waveforms (a model that pools over
-    time must not see another file's padding), keeping the paths' order."""
-    waves = [load_audio(p, embedder.sample_rate, duration_s) for p in paths]
-    vectors: list[np.ndarray | None] = [None] * len(waves)
-    logits: list[np.ndarray | None] = [None] * len(waves)
-    by_length: dict[int, list[int]] = {}
-    for i, wave in enumerate(waves):
-        by_length.setdefault(wave.size, []).append(i)
-    for indices in by_length.values():
-        for start in range(0, len(indices), embedder.batch_size):
-            chunk = indices[start:start + embedder.batch_size]
-            out = embedder.embed([waves[i] for i in chunk])
-            for row, i in enumerate(chunk):
-                vectors[i] = None if out.vectors is None else out.vectors[row]
-                logits[i] = None if out.logits is None else out.logits[row]
-            if progress:
-                progress(len(chunk))
+    """Run ``embedder`` over ``paths``, keeping their order. Files are read a window of
+    ``LOAD_WINDOW`` batches at a time (15k VGGSound files at 48 kHz would not fit in memory at
+    once), and each batch holds waveforms of one length only: a model that pools over time must
+    not see another file's padding (av-benchmark runs variable-length files one at a time)."""
+    vectors: list[np.ndarray | None] = [None] * len(paths)
+    logits: list[np.ndarray | None] = [None] * len(paths)
+    window = max(1, embedder.batch_size) * LOAD_WINDOW
+    for first in range(0, len(paths), window):
+        waves = {i: load_audio(paths[i], embedder.sample_rate, duration_s)
+                 for i in range(first, min(first + window, len(paths)))}
+        by_length: dict[int, list[int]] = {}
+        for i, wave in waves.items():
+            by_length.setdefault(wave.size, []).append(i)
+        for indices in by_length.values():
+            for start in range(0, len(indices), max(1, embedder.batch_size)):
+                chunk = indices[start:start + max(1, embedder.batch_size)]
+                out = embedder.embed([waves[i] for i in chunk])
+                for row, i in enumerate(chunk):
+                    vectors[i] = None if out.vectors is None else out.vectors[row]
+                    logits[i] = None if out.logits is None else out.logits[row]
+                if progress:
+                    progress(len(chunk))
     return Embeddings(vectors=None if vectors[0] is None else np.stack(vectors),
                       logits=None if logits[0] is None else np.stack(logits))
 

@@ -236,12 +236,18 @@ def test_every_unreadable_file_is_listed_in_one_error(tmp_path, clap_dir, capsys
     gen, ref, meta = _flat_set(tmp_path)
     (gen / "dog.flac").write_bytes(b"not audio at all")
     (ref / "car.flac").write_bytes((ref / "car.flac").read_bytes()[:40])  # a header and nothing else
+    _write_flac(gen / "stray.flac", _tone(1.0, CLAP_RATE, 500, 7)[0], CLAP_RATE)
+    (ref / "lost.wav").write_bytes(b"RIFF....WAVE")  # unpaired and unreadable: listed under both
     code = main(["evaluate", "--generated", str(gen), "--reference", str(ref), "--metadata", str(meta),
                  "--embedders", f"clap={clap_dir}", "--out", str(tmp_path / "m.json"), "--no-progress"])
     lines = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and lines[0] == "error: 2 unreadable or too short audio file(s):"
-    assert sorted(line.split(": ")[0].strip() for line in lines[1:]) == sorted([str(gen / "dog.flac"),
-                                                                                str(ref / "car.flac")])
+    assert code == 1 and lines[0].startswith("error: 2 file problem(s) between --generated")
+    assert sorted(lines[1:3]) == [f"  {gen / 'stray.flac'}: no reference stray",
+                                  f"  {ref / 'lost.wav'}: no generated lost"]
+    assert lines[3] == "3 unreadable audio file(s):"
+    assert sorted(line.split(": ")[0].strip() for line in lines[4:]) == sorted([str(gen / "dog.flac"),
+                                                                                str(ref / "car.flac"),
+                                                                                str(ref / "lost.wav")])
 
 
 def test_missing_prompts_are_listed_before_any_work(tmp_path, clap_dir, capsys):
@@ -319,7 +325,7 @@ def test_a_metric_that_cannot_be_computed_is_one_line_and_the_others_are_kept():
     items = [EvalItem(f"f{i}", Path(f"g{i}"), Path(f"r{i}"), None, None, None, None) for i in range(6)]
     run = EmbedderRun(FakePasst(), Embeddings(rng.randn(6, 3), rng.randn(6, 527)),
                       Embeddings(rng.randn(6, 3), rng.randn(6, 527)))
-    report = Report(Pairing("flat", items, False), "/g", "/r", 8.0, [run])
+    report = Report(Pairing("flat", items, False, {}), "/g", "/r", 8.0, [run])
     compute_metrics(report)
     overall = report.metrics["overall"]
     assert report.errors == ["ISC-PASST: 6 files are fewer than its 10 splits (each split needs a file) [overall]"] * 2

@@ -113,13 +113,13 @@ def _device(name: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from training.embedders import load_embedder
     from training.evaluate import Report, compute_metrics, run_embedders, write_json
-    from training.evaluate_data import check_readable, lengths_summary, pair_files
+    from training.evaluate_data import lengths_summary, pair_files
 
     embedders = resolve_embedders(args.embedders, args.weights)
     pairing = pair_files(args.generated, args.reference, args.metadata, args.videos)
     if any(name == "clap" for name, _ in embedders):
         _require_prompts(pairing, args.metadata)
-    seconds = check_readable([p for it in pairing.items for p in (it.generated, it.reference)])
+    seconds = pairing.seconds
     tracker = _start_tracking(args, pairing, embedders) if args.mlflow else None
     status = "FAILED"
     try:

@@ -59,6 +59,7 @@ class Pairing:
     layout: str  # "benchmark" | "flat"
     items: list[EvalItem]
     placement_known: bool  # the metadata had a placement column (benchmark layout)
+    seconds: dict[Path, float]  # decoded length of every paired file (empty if not checked)
 
 
 def is_benchmark_root(reference: Path) -> bool:
@@ -88,8 +89,9 @@ def read_metadata(path: Path) -> dict[str, dict[str, str]]:
     return rows
 
 
-def _audio_files(folder: Path, problems: list[str]) -> dict[str, Path]:
-    """{stem: path} of the audio files in ``folder``; a stem with two files (x.wav and x.flac) is a problem."""
+def _audio_files(folder: Path, problems: list[str], seen: list[Path]) -> dict[str, Path]:
+    """{stem: path} of the audio files in ``folder`` (all of them also appended to ``seen``); a stem
+    with two files (x.wav and x.flac) is a problem."""
     found: dict[str, Path] = {}
     if not folder.is_dir():
         problems.append(f"  {folder}: no such folder")
@@ -97,6 +99,7 @@ def _audio_files(folder: Path, problems: list[str]) -> dict[str, Path]:
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() not in AUDIO_SUFFIXES or not path.is_file():
             continue
+        seen.append(path)
         if path.stem in found:
             problems.append(f"  {path}: a second file for {path.stem} (also {found[path.stem].name})")
             continue
@@ -105,14 +108,16 @@ def _audio_files(folder: Path, problems: list[str]) -> dict[str, Path]:
 
 
 def pair_files(generated: str | os.PathLike, reference: str | os.PathLike, metadata: str | os.PathLike | None = None,
-               videos: str | os.PathLike | None = None) -> Pairing:
-    """Pair every generated file with its reference (module docstring). Raises EvaluationError
-    listing every unpaired or duplicated file when there is any, and when nothing pairs at all."""
+               videos: str | os.PathLike | None = None, check_audio: bool = True) -> Pairing:
+    """Pair every generated file with its reference (module docstring) and, with ``check_audio``,
+    decode every audio file found (paired or not). Raises one EvaluationError that lists every
+    unpaired, duplicated and unreadable file when there is any, and when nothing pairs at all."""
     gen_root, ref_root = Path(generated), Path(reference)
     for root, what in ((gen_root, "--generated"), (ref_root, "--reference")):
         if not root.is_dir():
             raise EvaluationError(f"{what} {root} is not a folder")
     problems: list[str] = []
+    seen: list[Path] = []
     items: list[EvalItem] = []
     if is_benchmark_root(ref_root):
         layout, placement_known = "benchmark", False
@@ -120,8 +125,8 @@ def pair_files(generated: str | os.PathLike, reference: str | os.PathLike, metad
         for sub in subsets:
             meta = read_metadata(sub / "metadata.csv")
             placement_known |= any("placement" in row for row in meta.values())
-            refs = _audio_files(sub / "target_audio", problems)
-            gens = _audio_files(gen_root / sub.name, problems)
+            refs = _audio_files(sub / "target_audio", problems, seen)
+            gens = _audio_files(gen_root / sub.name, problems, seen)
             for stem in sorted(set(meta) - set(refs)):
                 problems.append(f"  {sub / 'metadata.csv'}: {stem} has no reference audio in {sub / 'target_audio'}")
             items += _pair(refs, gens, f"{sub.name}/", problems, meta, sub.name,
@@ -134,17 +139,23 @@ def pair_files(generated: str | os.PathLike, reference: str | os.PathLike, metad
     else:
         layout, placement_known = "flat", False
         meta = read_metadata(Path(metadata)) if metadata else {}
-        refs, gens = _audio_files(ref_root, problems), _audio_files(gen_root, problems)
+        refs, gens = _audio_files(ref_root, problems, seen), _audio_files(gen_root, problems, seen)
         video_root = Path(videos) if videos else None
         items = _pair(refs, gens, "", problems, meta, None,
                       lambda stem: _existing(video_root / f"{stem}.mp4") if video_root else None)
-    if problems:
-        raise EvaluationError("\n".join([f"{len(problems)} file problem(s) between --generated {gen_root} and "
-                                         f"--reference {ref_root} (every file must pair by name):", *problems]))
+    seconds, unreadable = probe_audio(seen) if check_audio else ({}, [])
+    if problems or unreadable:
+        lines = []
+        if problems:
+            lines += [f"{len(problems)} file problem(s) between --generated {gen_root} and --reference {ref_root} "
+                      "(every file must pair by name):", *problems]
+        if unreadable:
+            lines += [f"{len(unreadable)} unreadable audio file(s):", *unreadable]
+        raise EvaluationError("\n".join(lines))
     if not items:
         raise EvaluationError(f"no audio files (.flac, .wav) to pair in --generated {gen_root} and "
                               f"--reference {ref_root}")
-    return Pairing(layout, items, placement_known)
+    return Pairing(layout, items, placement_known, seconds)
 
 
 def _existing(path: Path) -> Path | None:
@@ -208,9 +219,9 @@ def load_audio(path: str | os.PathLike, target_rate: int, duration_s: float | No
     return prepare(audio, rate, target_rate, duration_s)
 
 
-def check_readable(paths: Iterable[Path], min_duration_s: float = 0.0) -> dict[Path, float]:
-    """Decode every file once; {path: seconds}. Raises EvaluationError listing every unreadable file
-    (and every file shorter than ``min_duration_s``) with its reason."""
+def probe_audio(paths: Iterable[Path]) -> tuple[dict[Path, float], list[str]]:
+    """Decode every file once: ({path: seconds} of the readable ones, one line per unreadable file
+    with its reason)."""
     seconds: dict[Path, float] = {}
     bad = []
     for path in paths:
@@ -220,11 +231,7 @@ def check_readable(paths: Iterable[Path], min_duration_s: float = 0.0) -> dict[P
             bad.append(f"  {path}: {' '.join(str(err).split()) or type(err).__name__}")
             continue
         seconds[path] = audio.shape[1] / rate
-        if seconds[path] + 1e-9 < min_duration_s:
-            bad.append(f"  {path}: {seconds[path]:.3f} s, shorter than {min_duration_s:g} s")
-    if bad:
-        raise EvaluationError("\n".join([f"{len(bad)} unreadable or too short audio file(s):", *bad]))
-    return seconds
+    return seconds, bad
 
 
 def groups(pairing: Pairing) -> dict[str, list[int]]:

@@ -360,3 +360,25 @@ def test_files_are_embedded_in_order_in_batches_of_one_length(tmp_path, monkeypa
     np.testing.assert_allclose(out.vectors[:, 1], [load_audio(p, 16_000, None)[0] for p in paths], rtol=1e-6)
     assert all(len(set(batch)) == 1 and len(batch) <= 2 for batch in Recorder.batches)
     assert sum(done) == len(paths) and out.logits is None
+
+
+def test_embedders_resolve_from_default_names_under_weights(tmp_path):
+    from training.evaluate_cli import resolve_embedders
+    from training.evaluate_data import EvaluationError
+
+    weights = tmp_path / "weights"
+    (weights / "laion-clap-htsat-base").mkdir(parents=True)
+    with pytest.raises(EvaluationError, match="clap: .* is not a transformers ClapModel folder"):
+        resolve_embedders(None, str(weights))
+    (weights / "laion-clap-htsat-base" / "config.json").write_text("{}")
+    assert resolve_embedders(None, str(weights)) == [("clap", str(weights / "laion-clap-htsat-base"))]
+    assert resolve_embedders(["CLAP"], str(weights)) == [("clap", str(weights / "laion-clap-htsat-base"))]
+    with pytest.raises(EvaluationError, match=r"holds none of laion-clap-htsat-base, passt-s-f128"):
+        resolve_embedders(None, str(tmp_path))
+    with pytest.raises(EvaluationError, match=r"^name the embedders"):
+        resolve_embedders(None, None)
+    with pytest.raises(EvaluationError) as err:
+        resolve_embedders(["clap", "clap", "kad"], str(weights))
+    assert str(err.value).splitlines()[1:] == ["  clap: given twice",
+                                               "  kad: unknown embedder (known: clap, passt, panns, vggish, imagebind, "
+                                               "desync)"]

@@ -71,7 +71,7 @@ def is_benchmark_root(reference: Path) -> bool:
 def read_metadata(path: Path) -> dict[str, dict[str, str]]:
     """``file_name,label`` table -> {file stem: row}. ``file_name`` may carry an extension (the
     released metadata names the mp4). A duplicated stem or a missing column is an error."""
-    with open(path, newline="", encoding="utf-8") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:  # a spreadsheet export may start with a BOM
         reader = csv.DictReader(fh)
         missing = {"file_name", "label"} - set(reader.fieldnames or ())
         if missing:

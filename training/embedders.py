@@ -143,16 +143,20 @@ class ClapEmbedder:
 
     def __init__(self, folder: str | os.PathLike, device: str = "cpu", batch_size: int = 16) -> None:
         from transformers import ClapModel, ClapProcessor
+        from transformers.utils import logging as hf_logging
 
         self.name = "clap"
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.weights = WeightsRef(str(Path(folder).resolve()), sha256_path(folder))
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar per load: noise beside our own bars
         try:
             self.net = ClapModel.from_pretrained(folder, local_files_only=True).eval().to(self.device)
             self.processor = ClapProcessor.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError) as err:  # transformers' "can't load ... from local files" family
             raise EmbedderUnavailable(f"clap: cannot load {folder}: {' '.join(str(err).split())[:300]}") from None
+        finally:
+            hf_logging.enable_progress_bar()
         features = self.processor.feature_extractor
         self.sample_rate = int(features.sampling_rate)
         self.max_samples = int(features.nb_max_samples)

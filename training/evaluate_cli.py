@@ -120,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     if any(name == "clap" for name, _ in embedders):
         _require_prompts(pairing, args.metadata)
     seconds = pairing.seconds
+    Path(args.out).resolve().parent.mkdir(parents=True, exist_ok=True)  # the default MLflow store lives there
     tracker = _start_tracking(args, pairing, embedders) if args.mlflow else None
     status = "FAILED"
     try:

@@ -73,7 +73,8 @@ class Report:
             "pairs": len(self.pairing.items),
             "duration_s": self.duration_s,
             "placement": ("from the metadata's placement column" if self.pairing.placement_known
-                          else "unknown: the reference metadata has no placement column"),
+                          else "unknown: the reference metadata has no placement column"
+                          if self.pairing.layout == "benchmark" else "unknown: a flat reference has no metadata.csv"),
             "embedders": {run.embedder.name: {"model": run.embedder.model, "weights": run.embedder.weights.path,
                                               "sha256": run.embedder.weights.sha256,
                                               "sample_rate": run.embedder.sample_rate,

@@ -10,13 +10,15 @@ says what is missing (:class:`EmbedderUnavailable`). Which metric uses which out
 |---|---|---|---|
 | clap | LAION-CLAP HTSAT-base as a transformers ``ClapModel`` folder | 48 kHz | 512-d audio and text embeddings |
 | passt | PaSST-S ``passt_s_swa_p16_128_ap476`` (``hear21passt`` package) | 32 kHz | 768-d embedding, 527 logits |
-| panns, vggish, imagebind, desync | refused (see ``REFUSED``) | | |
+| vggish | VGGish of ``torch_vggish_yamnet``, no last ReLU, TF log-mel front-end | 16 kHz | 128-d per 0.96 s |
+| panns, imagebind, desync | refused (see ``REFUSED``) | | |
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import io
 import os
 from collections.abc import Sequence
@@ -35,14 +37,15 @@ REFUSED = {
     "panns": "PANNs CNN14 (16 kHz) is not available: its packages download at import (panns_inference fetches a "
              "label file from the network when imported) or need librosa/numba (torchlibrosa), which this project "
              "does not install; FD-PANN, KL-PANNS and ISC-PANNS cannot be computed yet (docs/evaluate.md)",
-    "vggish": "VGGish is not available: the torchvggish package imports resampy and soundfile (numba) and fetches its "
-              "PCA parameters from the network; FD-VGG cannot be computed yet (docs/evaluate.md)",
     "imagebind": "the ImageBind score needs the ImageBind-huge model, which this project does not have (no package "
                  "that installs here provides it without downloading); IB-Score cannot be computed (docs/evaluate.md)",
     "desync": "DeSync needs Synchformer's audio branch and synchronisation head; this project implements only its "
               "MotionFormer video backbone, so DeSync cannot be computed (docs/evaluate.md)",
 }
-AVAILABLE = ("clap", "passt")
+AVAILABLE = ("clap", "passt", "vggish")
+#: the optional package each embedder needs (``pip install 'selva-pipeline[eval]'`` installs them all)
+PACKAGES = {"passt": ("hear21passt", "hear21passt==0.0.26"),
+            "vggish": ("torch_vggish_yamnet", "torch-vggish-yamnet==0.2.1")}
 ALL_NAMES = AVAILABLE + tuple(REFUSED)
 
 
@@ -62,11 +65,13 @@ class WeightsRef:
 
 @dataclass
 class Embeddings:
-    """What an embedder gives for N files, in their order: ``vectors`` (N, D) one embedding per file
-    and/or ``logits`` (N, C) pre-softmax class scores; None where the model has no such output."""
+    """What an embedder gives for N files, in their order: ``vectors`` (N, D) one embedding per file,
+    ``logits`` (N, C) pre-softmax class scores, ``frames`` N arrays (F_i, D) of per-frame embeddings
+    (VGGish: one per 0.96 s); None where the model has no such output."""
 
     vectors: np.ndarray | None = None
     logits: np.ndarray | None = None
+    frames: list[np.ndarray] | None = None
 
 
 class AudioEmbedder(Protocol):
@@ -103,6 +108,8 @@ def load_embedder(name: str, weights: str | os.PathLike, device: str = "cpu", ba
     check_embedder(name, weights)
     if name == "clap":
         return ClapEmbedder(weights, device, batch_size)
+    if name == "vggish":
+        return VggishEmbedder(weights, device, batch_size)
     return PasstEmbedder(weights, device, batch_size)
 
 
@@ -122,12 +129,13 @@ def check_embedder(name: str, weights: str | os.PathLike | None) -> None:
                                       "see docs/evaluate.md for how to make one from the LAION-CLAP checkpoint")
     elif not path.is_file():
         raise EmbedderUnavailable(f"{name}: weights file {path} does not exist")
-    if name == "passt":
+    if name in PACKAGES:
+        module, requirement = PACKAGES[name]
         try:
-            import hear21passt  # noqa: F401
+            importlib.import_module(module)
         except ImportError:
-            raise EmbedderUnavailable("passt: needs the hear21passt package (pip install 'selva-pipeline[eval]' or "
-                                      "hear21passt==0.0.26), which is not installed") from None
+            raise EmbedderUnavailable(f"{name}: needs the {module} package (pip install 'selva-pipeline[eval]' or "
+                                      f"{requirement}), which is not installed") from None
 
 
 class ClapEmbedder:
@@ -209,10 +217,7 @@ class PasstEmbedder:
                              htk=False, fmin=0.0, fmax=None, norm=1, fmin_aug_range=10, fmax_aug_range=2000)
         with contextlib.redirect_stdout(io.StringIO()):  # get_model prints the whole network
             net = get_model(arch="passt_s_swa_p16_128_ap476", pretrained=False)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        for wrapper_key in ("state_dict", "model"):  # training checkpoints nest the weights
-            if isinstance(state, dict) and isinstance(state.get(wrapper_key), dict):
-                state = state[wrapper_key]
+        state = _state_dict(path)
         if any(k.startswith("net.") for k in state):  # a saved PasstBasicWrapper: keep the network's part
             state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
         missing, unexpected = net.load_state_dict(state, strict=False)
@@ -229,6 +234,60 @@ class PasstEmbedder:
             row[: wave.size] = wave
         out = self.net(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()
         return Embeddings(vectors=out[:, PASST_LOGITS:], logits=out[:, :PASST_LOGITS])
+
+
+class VggishEmbedder:
+    """VGGish as av-benchmark runs it for FD-VGG: the network class of the ``torch_vggish_yamnet``
+    package (the TensorFlow release's layout; it downloads only when asked for pretrained weights,
+    which we never do) loaded strictly from a local file with torchvggish's key names (the
+    ``vggish-10086976.pth`` av-benchmark fetches through torch.hub), **without its final ReLU** and
+    without PCA/quantisation, fed by :mod:`training.vggish_frontend`. Output: one 128-d embedding
+    per 0.96 s example; FD-VGG pools the frames of all files."""
+
+    model = "VGGish (torch_vggish_yamnet network, final ReLU removed, no PCA; TF log-mel front-end)"
+
+    def __init__(self, path: str | os.PathLike, device: str = "cpu", batch_size: int = 16) -> None:
+        from torch import nn
+        from torch_vggish_yamnet.vggish.model import VGGish
+
+        self.name = "vggish"
+        self.sample_rate = 16_000
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.weights = WeightsRef(str(Path(path).resolve()), sha256_path(path))
+        net = VGGish()
+        state = _state_dict(path)
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise EmbedderUnavailable(f"vggish: {path} does not fit the VGGish network: missing {_few(missing)}, "
+                                      f"unexpected {_few(unexpected)}")
+        # av-benchmark drops the ReLU after the 128-d layer ("to match audioldm_eval"): raw linear outputs
+        net.embeddings = nn.Sequential(*list(net.embeddings)[:-1])
+        self.net = net.eval().to(self.device)
+
+    @torch.inference_mode()
+    def embed(self, waveforms: Sequence[np.ndarray]) -> Embeddings:
+        from training.vggish_frontend import examples
+
+        out = []
+        for wave in waveforms:
+            batch = examples(wave)  # (E, 96, 64): whole 0.96 s examples only
+            if batch.shape[0] == 0:  # shorter than 0.96 s: no frame, as av-benchmark
+                out.append(np.zeros((0, 128), np.float32))
+                continue
+            out.append(self.net(torch.from_numpy(batch)[:, None].to(self.device)).float().cpu().numpy())
+        return Embeddings(frames=out)
+
+
+def _state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A weights file read as data only; training checkpoints nest the weights under state_dict/model."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper_key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper_key), dict):
+            state = state[wrapper_key]
+    if not isinstance(state, dict):
+        raise EmbedderUnavailable(f"{path}: not a state dict (a {type(state).__name__})")
+    return state
 
 
 def _few(keys: Sequence[str], limit: int = 5) -> str:

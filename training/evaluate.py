@@ -9,6 +9,7 @@ Metric names are av-benchmark's where it has the metric (``FD-PASST``, ``KL-PASS
 |---|---|---|
 | vectors (PaSST 768-d) | FD (generated vs reference statistics), KAD | set vs set |
 | vectors (CLAP 512-d audio) | KAD-CLAP | set vs set |
+| frames (VGGish 128-d per 0.96 s) | FD-VGG over the frames of all files | set vs set |
 | logits (527 AudioSet classes) | KL(reference ‖ generated), IS of the generated files | KL per pair |
 | CLAP text vs audio | LAION-CLAP-Score: mean cosine(prompt, generated audio) | per pair |
 
@@ -35,7 +36,7 @@ from training.embedders import AudioEmbedder, ClapEmbedder, Embeddings
 from training.evaluate_data import Pairing, groups, load_audio
 
 FORMAT = "selva-evaluate/1"
-LABELS = {"clap": "CLAP", "passt": "PASST"}  # metric-name part per embedder (av-benchmark spelling)
+LABELS = {"clap": "CLAP", "passt": "PASST", "vggish": "VGG"}  # metric-name part per embedder (av-benchmark spelling)
 LOAD_WINDOW = 8  # batches of waveforms held in memory at once
 
 
@@ -99,6 +100,7 @@ def embed_files(embedder: AudioEmbedder, paths: Sequence[Path], duration_s: floa
     not see another file's padding (av-benchmark runs variable-length files one at a time)."""
     vectors: list[np.ndarray | None] = [None] * len(paths)
     logits: list[np.ndarray | None] = [None] * len(paths)
+    frames: list[np.ndarray | None] = [None] * len(paths)
     window = max(1, embedder.batch_size) * LOAD_WINDOW
     for first in range(0, len(paths), window):
         waves = {i: load_audio(paths[i], embedder.sample_rate, duration_s)
@@ -113,10 +115,12 @@ def embed_files(embedder: AudioEmbedder, paths: Sequence[Path], duration_s: floa
                 for row, i in enumerate(chunk):
                     vectors[i] = None if out.vectors is None else out.vectors[row]
                     logits[i] = None if out.logits is None else out.logits[row]
+                    frames[i] = None if out.frames is None else out.frames[row]
                 if progress:
                     progress(len(chunk))
     return Embeddings(vectors=None if vectors[0] is None else np.stack(vectors),
-                      logits=None if logits[0] is None else np.stack(logits))
+                      logits=None if logits[0] is None else np.stack(logits),
+                      frames=None if frames[0] is None else frames)
 
 
 def run_embedders(pairing: Pairing, embedders: Sequence[AudioEmbedder], duration_s: float | None,
@@ -171,6 +175,9 @@ def _metric_calls(run: EmbedderRun, idx: list[int], keys: list[str], report: Rep
         calls.append((f"FD-{label}", _fd, (gen.vectors[idx], ref.vectors[idx], f"FD-{label}")))
     if gen.vectors is not None:
         calls.append((f"KAD-{label}", _kad, (ref.vectors[idx], gen.vectors[idx], f"KAD-{label}")))
+    if gen.frames is not None:  # av-benchmark: all 0.96 s frames of all files, not per-file means
+        calls.append((f"FD-{label}", _fd_frames, ([gen.frames[i] for i in idx], [ref.frames[i] for i in idx],
+                                                  f"FD-{label}")))
     if gen.logits is not None:
         kl = f"KL-{label}-softmax"
         calls.append((kl, _kl, (ref.logits[idx], gen.logits[idx], kl, keys, idx, report, group)))
@@ -188,6 +195,14 @@ def _fd(gen: np.ndarray, ref: np.ndarray, metric: str) -> dict[str, Any]:
         entry["note"] = f"sqrtm was not finite: {M.FD_EPS:g}*I added to both covariances (as av-benchmark)"
     if result.note:
         entry["note"] = (entry.get("note", "") + "; " if "note" in entry else "") + result.note
+    return entry
+
+
+def _fd_frames(gen: list[np.ndarray], ref: list[np.ndarray], metric: str) -> dict[str, Any]:
+    width = next((f.shape[1] for f in gen + ref if f.ndim == 2), 0)
+    stacked = [np.concatenate(part) if part else np.zeros((0, width)) for part in (gen, ref)]
+    entry = _fd(stacked[0], stacked[1], metric)
+    entry["frames"] = {"generated": int(stacked[0].shape[0]), "reference": int(stacked[1].shape[0])}
     return entry
 
 

@@ -26,7 +26,8 @@ DEFAULT_WEIGHTS = {
 
 DESCRIPTION = """\
 Score generated audio against references with the metrics av-benchmark defines (FD, KL, IS on
-PaSST; the LAION-CLAP score against each prompt) plus KAD, from local embedder weights only.
+PaSST; FD on VGGish frames; the LAION-CLAP score against each prompt) plus KAD, from local
+embedder weights only.
 
 Every generated file must pair with a reference by name; unpaired, duplicated and unreadable files
 are listed, all of them, and nothing is computed. A reference folder in the benchmark layout

@@ -380,5 +380,5 @@ def test_embedders_resolve_from_default_names_under_weights(tmp_path):
     with pytest.raises(EvaluationError) as err:
         resolve_embedders(["clap", "clap", "kad"], str(weights))
     assert str(err.value).splitlines()[1:] == ["  clap: given twice",
-                                               "  kad: unknown embedder (known: clap, passt, panns, vggish, imagebind, "
+                                               "  kad: unknown embedder (known: clap, passt, vggish, panns, imagebind, "
                                                "desync)"]

@@ -1,6 +1,6 @@
-"""The PaSST embedder (hear21passt, an optional dependency: ``pip install 'selva-pipeline[eval]'``)
+"""The PaSST embedder (model class from the hear21passt dependency)
 loads a local state dict strictly and returns the package's own 527 logits + 768-d embedding of the
-10 s zero-padded input. Skipped where hear21passt is not installed (the default test set-up).
+10 s zero-padded input. Skipped where hear21passt is not installed (a venv from before it became a dependency).
 
 The network is PaSST-S's architecture shrunk to one transformer block of width 48 (same input,
 patching and heads layout), so the tests check loading, padding and the output split in seconds:

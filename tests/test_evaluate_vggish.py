@@ -1,6 +1,6 @@
-"""The VGGish embedder (torch_vggish_yamnet, an optional dependency: ``pip install
-'selva-pipeline[eval]'``): strict local load, the final ReLU removed, av-benchmark's front-end, and
-FD-VGG over the 0.96 s frames of all files. Skipped where the package is not installed."""
+"""The VGGish embedder (network class from the torch-vggish-yamnet dependency): strict local load,
+the final ReLU removed, av-benchmark's front-end, and FD-VGG over the 0.96 s frames of all files.
+Skipped where the package is not installed (a venv from before it became a dependency)."""
 
 from __future__ import annotations
 
@@ -13,17 +13,27 @@ import torch
 pytest.importorskip("torch_vggish_yamnet")
 
 
-def test_vggish_embedder_is_the_package_network_without_its_last_relu_on_tf_log_mel_examples(tmp_path):
+@pytest.fixture(scope="module")
+def vggish_file(tmp_path_factory):
+    """A randomly initialised VGGish state dict (72M parameters: saved once for the module)."""
+    from torch_vggish_yamnet.vggish.model import VGGish
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vggish") / "vggish.pth"
+    torch.save(VGGish().state_dict(), path)
+    return path
+
+
+def test_vggish_embedder_is_the_package_network_without_its_last_relu_on_tf_log_mel_examples(tmp_path, vggish_file):
     from torch_vggish_yamnet.vggish.model import VGGish
 
     from training.embedders import EmbedderUnavailable, load_embedder, sha256_path
     from training.vggish_frontend import examples
 
-    torch.manual_seed(0)
     net = VGGish().eval()
-    torch.save(net.state_dict(), tmp_path / "vggish.pth")
-    embedder = load_embedder("vggish", tmp_path / "vggish.pth")
-    assert embedder.sample_rate == 16_000 and embedder.weights.sha256 == sha256_path(tmp_path / "vggish.pth")
+    net.load_state_dict(torch.load(vggish_file, weights_only=True))
+    embedder = load_embedder("vggish", vggish_file)
+    assert embedder.sample_rate == 16_000 and embedder.weights.sha256 == sha256_path(vggish_file)
     rng = np.random.RandomState(0)
     waves = [0.1 * rng.randn(32_000).astype(np.float32), 0.1 * rng.randn(10_000).astype(np.float32)]
     out = embedder.embed(waves)
@@ -41,17 +51,13 @@ def test_vggish_embedder_is_the_package_network_without_its_last_relu_on_tf_log_
         load_embedder("vggish", tmp_path / "extra.pth")
 
 
-def test_fd_vgg_pools_the_frames_of_all_files(tmp_path):
-    from torch_vggish_yamnet.vggish.model import VGGish
-
+def test_fd_vgg_pools_the_frames_of_all_files(tmp_path, vggish_file):
     from preprocessing.compact import encode_flac
     from selva_cli.main import main
     from training import metrics as M
     from training.embedders import load_embedder
     from training.evaluate_data import load_audio
 
-    torch.manual_seed(1)
-    torch.save(VGGish().state_dict(), tmp_path / "vggish.pth")
     rng = np.random.RandomState(2)
     for side, shift in (("gen", 30), ("ref", 0)):
         (tmp_path / side).mkdir()
@@ -61,11 +67,11 @@ def test_fd_vgg_pools_the_frames_of_all_files(tmp_path):
             (tmp_path / side / f"c{i}.flac").write_bytes(encode_flac(wave.astype(np.float32), 16_000))
     out = tmp_path / "m.json"
     assert main(["evaluate", "--generated", str(tmp_path / "gen"), "--reference", str(tmp_path / "ref"),
-                 "--embedders", f"vggish={tmp_path / 'vggish.pth'}", "--out", str(out), "--no-progress",
+                 "--embedders", f"vggish={vggish_file}", "--out", str(out), "--no-progress",
                  "--duration", "8"]) == 0
     fd = json.loads(out.read_text())["metrics"]["overall"]["FD-VGG"]
     assert fd["frames"] == {"generated": 9, "reference": 9} and fd["embedder"] == "vggish"
-    embedder = load_embedder("vggish", tmp_path / "vggish.pth")
+    embedder = load_embedder("vggish", vggish_file)
     frames = {side: np.concatenate(embedder.embed([load_audio(tmp_path / side / f"c{i}.flac", 16_000, 8.0)
                                                    for i in range(3)]).frames) for side in ("gen", "ref")}
     assert fd["value"] == pytest.approx(M.fd_from_embeddings(frames["gen"], frames["ref"]).value, rel=1e-6)

@@ -43,7 +43,7 @@ REFUSED = {
               "MotionFormer video backbone, so DeSync cannot be computed (docs/evaluate.md)",
 }
 AVAILABLE = ("clap", "passt", "vggish")
-#: the optional package each embedder needs (``pip install 'selva-pipeline[eval]'`` installs them all)
+#: the package each embedder's model class comes from (project dependencies, checked for a partial install)
 PACKAGES = {"passt": ("hear21passt", "hear21passt==0.0.26"),
             "vggish": ("torch_vggish_yamnet", "torch-vggish-yamnet==0.2.1")}
 ALL_NAMES = AVAILABLE + tuple(REFUSED)
@@ -134,8 +134,8 @@ def check_embedder(name: str, weights: str | os.PathLike | None) -> None:
         try:
             importlib.import_module(module)
         except ImportError:
-            raise EmbedderUnavailable(f"{name}: needs the {module} package (pip install 'selva-pipeline[eval]' or "
-                                      f"{requirement}), which is not installed") from None
+            raise EmbedderUnavailable(f"{name}: needs the {module} package (a dependency of selva-pipeline: "
+                                      f"pip install {requirement}), which is not installed") from None
 
 
 class ClapEmbedder:

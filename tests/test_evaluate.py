@@ -151,15 +151,16 @@ def test_clap_score_equals_a_direct_clap_cosine_and_names_its_weights(tmp_path, 
     assert "LAION-CLAP-Score" in capsys.readouterr().out  # the summary table
 
 
-def _benchmark(root: Path, with_placement: bool) -> tuple[Path, Path]:
-    """REF/<subset>/{target_audio,mixed,metadata.csv} and GEN/<subset>/<name>.flac."""
+def _benchmark(root: Path, with_placement: bool, side_in_name: bool = True) -> tuple[Path, Path]:
+    """REF/<subset>/{target_audio,mixed,metadata.csv} and GEN/<subset>/<name>.flac; names
+    ``<target>_<partner>_<side>`` as the release's, or ``..._<a|b>`` (no side in the name)."""
     ref, gen = root / "bench", root / "gen"
     seed = 0
     for subset in ("intra_class", "inter_class"):
         rows = []
         for target, partner in (("dog", "cat"), ("car", "bell")):
             for side in ("left", "right"):
-                name = f"{target}_{partner}_{side}"
+                name = f"{target}_{partner}_{side if side_in_name else {'left': 'a', 'right': 'b'}[side]}"
                 seed += 1
                 _write_flac(ref / subset / "target_audio" / f"{name}.flac",
                             _tone(2.0, 16_000, 200 + 50 * seed, seed)[0], 16_000)
@@ -196,21 +197,49 @@ def test_a_benchmark_reference_reports_overall_per_subset_and_per_placement(tmp_
         assert entry["value"] == pytest.approx(np.mean([per_file[k] for k in keys]), rel=1e-9)
         # KAD's bandwidth comes from the group's reference files only
         assert report["metrics"][group]["KAD-CLAP"]["bandwidth"] > 0
-    assert report["placement"] == "from the metadata's placement column"
+    assert report["placement"].startswith("the metadata's placement (or target_position) column")
     # the prompt of each pair is its subset's metadata label: the same audio scored against another
     # subset's label would differ, so check one pair against a direct cosine
     direct = _direct_clap_cosines(clap_dir, [gen / "inter_class" / "dog_cat_left.flac"], ["a dog barks inter"])
     assert per_file["inter_class/dog_cat_left"] == pytest.approx(float(direct[0]), rel=1e-5, abs=1e-6)
 
 
-def test_the_released_layout_without_placements_says_placement_is_unknown(tmp_path, clap_dir):
-    ref, gen = _benchmark(tmp_path, with_placement=False)
-    out = tmp_path / "metrics.json"
+def test_the_released_layout_takes_placements_from_names_or_says_they_are_unknown(tmp_path, clap_dir):
+    ref, gen = _benchmark(tmp_path / "named", with_placement=False)  # file_name,label only; <t>_<p>_<side>
+    out = tmp_path / "named.json"
+    assert main(["evaluate", "--generated", str(gen), "--reference", str(ref), "--embedders", f"clap={clap_dir}",
+                 "--out", str(out), "--duration", "2", "--no-progress", "--device", "cpu"]) == 0
+    report = json.loads(out.read_text())
+    assert list(report["metrics"])[-2:] == ["placement/left", "placement/right"]
+    assert report["metrics"]["placement/left"]["LAION-CLAP-Score"]["files"] == 4
+
+    ref, gen = _benchmark(tmp_path / "plain", with_placement=False, side_in_name=False)
+    out = tmp_path / "plain.json"
     assert main(["evaluate", "--generated", str(gen), "--reference", str(ref), "--embedders", f"clap={clap_dir}",
                  "--out", str(out), "--duration", "2", "--no-progress", "--device", "cpu"]) == 0
     report = json.loads(out.read_text())
     assert list(report["metrics"]) == ["overall", "subset/inter_class", "subset/intra_class"]
-    assert report["placement"] == "unknown: the reference metadata has no placement column"
+    assert report["placement"] == "unknown: neither the metadata nor the names give it"
+
+
+def test_references_named_by_target_clip_serve_both_placements(tmp_path, clap_dir, capsys):
+    ref, gen = tmp_path / "bench", tmp_path / "gen"
+    rows = []
+    for i, (target, partner) in enumerate((("dog", "cat"), ("car", "bell"))):
+        _write_flac(ref / "inter_class" / "target_audio" / f"{target}.flac", _tone(2.0, 16_000, 300 + 50 * i, i)[0],
+                    16_000)
+        for side in ("left", "right"):
+            _write_flac(gen / "inter_class" / f"{target}_{partner}_{side}.flac",
+                        _tone(2.0, CLAP_RATE, 330 + 60 * i, 10 + i)[0], CLAP_RATE)
+            rows.append({"file_name": f"{target}_{partner}_{side}.mp4", "label": PROMPTS[target], "target": target})
+    _metadata(ref / "inter_class" / "metadata.csv", rows)
+    (gen / "failures").mkdir()  # selva generate's bookkeeping folder: no audio, not a problem
+    (gen / "failures" / "x.json").write_text("{}")
+    out = tmp_path / "m.json"
+    assert main(["evaluate", "--generated", str(gen), "--reference", str(ref), "--embedders", f"clap={clap_dir}",
+                 "--out", str(out), "--duration", "2", "--no-progress", "--device", "cpu"]) == 0, capsys.readouterr()
+    report = json.loads(out.read_text())
+    assert report["pairs"] == 4 and report["metrics"]["placement/right"]["KAD-CLAP"]["files"] == 2
 
 
 def test_every_unpaired_and_duplicated_file_is_listed_in_one_error(tmp_path, clap_dir, capsys):

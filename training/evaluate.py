@@ -38,6 +38,7 @@ from training.evaluate_data import Pairing, groups, load_audio
 FORMAT = "selva-evaluate/1"
 LABELS = {"clap": "CLAP", "passt": "PASST", "vggish": "VGG"}  # metric-name part per embedder (av-benchmark spelling)
 LOAD_WINDOW = 8  # batches of waveforms held in memory at once
+PLACEMENT_SOURCE = "the metadata's placement (or target_position) column, else the name's _left/_right ending"
 
 
 @dataclass
@@ -73,8 +74,8 @@ class Report:
             "layout": self.pairing.layout,
             "pairs": len(self.pairing.items),
             "duration_s": self.duration_s,
-            "placement": ("from the metadata's placement column" if self.pairing.placement_known
-                          else "unknown: the reference metadata has no placement column"
+            "placement": (PLACEMENT_SOURCE if self.pairing.placement_known
+                          else "unknown: neither the metadata nor the names give it"
                           if self.pairing.layout == "benchmark" else "unknown: a flat reference has no metadata.csv"),
             "embedders": {run.embedder.name: {"model": run.embedder.model, "weights": run.embedder.weights.path,
                                               "sha256": run.embedder.weights.sha256,

@@ -120,20 +120,17 @@ def pair_files(generated: str | os.PathLike, reference: str | os.PathLike, metad
     seen: list[Path] = []
     items: list[EvalItem] = []
     if is_benchmark_root(ref_root):
-        layout, placement_known = "benchmark", False
+        layout = "benchmark"
         subsets = sorted(d for d in ref_root.iterdir() if (d / "metadata.csv").is_file())
         for sub in subsets:
-            meta = read_metadata(sub / "metadata.csv")
-            placement_known |= any("placement" in row for row in meta.values())
-            refs = _audio_files(sub / "target_audio", problems, seen)
-            gens = _audio_files(gen_root / sub.name, problems, seen)
-            for stem in sorted(set(meta) - set(refs)):
-                problems.append(f"  {sub / 'metadata.csv'}: {stem} has no reference audio in {sub / 'target_audio'}")
-            items += _pair(refs, gens, f"{sub.name}/", problems, meta, sub.name,
-                           lambda stem, sub=sub: _existing(sub / "mixed" / f"{stem}.mp4"))
-        stray = sorted(d.name for d in gen_root.iterdir() if d.is_dir() and d.name not in {s.name for s in subsets})
+            items += _benchmark_subset(sub, gen_root / sub.name, problems, seen)
+        placement_known = any(it.placement is not None for it in items)
+        names = {s.name for s in subsets}
+        # generate's failures/ and other bookkeeping folders hold no audio: only audio folders count
+        stray = sorted(d.name for d in gen_root.iterdir() if d.is_dir() and d.name not in names
+                       and any(p.suffix.lower() in AUDIO_SUFFIXES for p in d.iterdir()))
         stray_files = sorted(p.name for p in gen_root.iterdir() if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
-        problems += [f"  {gen_root / name}: not a subset of the reference" for name in stray]
+        problems += [f"  {gen_root / name}: audio in a folder that is not a subset of the reference" for name in stray]
         problems += [f"  {gen_root / name}: audio outside a subset folder (expected GEN/<subset>/<name>)"
                      for name in stray_files]
     else:
@@ -156,6 +153,45 @@ def pair_files(generated: str | os.PathLike, reference: str | os.PathLike, metad
         raise EvaluationError(f"no audio files (.flac, .wav) to pair in --generated {gen_root} and "
                               f"--reference {ref_root}")
     return Pairing(layout, items, placement_known, seconds)
+
+
+def _benchmark_subset(sub: Path, gen_dir: Path, problems: list[str], seen: list[Path]) -> list[EvalItem]:
+    """The items of one benchmark subset, driven by its metadata rows: each row's composite name
+    pairs ``GEN/<subset>/<name>`` with ``target_audio/<name>``, or ``target_audio/<target id>`` when
+    the references are named by clip (both placements of a pair then share one reference)."""
+    meta = read_metadata(sub / "metadata.csv")
+    refs = _audio_files(sub / "target_audio", problems, seen)
+    gens = _audio_files(gen_dir, problems, seen)
+    items = []
+    for stem in sorted(meta):
+        row = meta[stem]
+        target = _stem(row.get("target") or row.get("target_file") or "")
+        ref = refs.get(stem) or (refs.get(target) if target else None)
+        if ref is None:
+            problems.append(f"  {sub / 'metadata.csv'}: {stem} has no reference audio in {sub / 'target_audio'}")
+        if stem not in gens:
+            problems.append(f"  {sub / 'metadata.csv'}: {stem} has no generated audio {gen_dir / stem}.(flac|wav)")
+        placement = row.get("placement") or row.get("target_position") or _placement_from_name(stem)
+        if placement is not None and placement not in PLACEMENTS:
+            problems.append(f"  {sub / 'metadata.csv'}: {stem}: placement {placement!r} is not left or right")
+        if ref is not None and stem in gens:
+            items.append(EvalItem(key=f"{sub.name}/{stem}", generated=gens[stem], reference=ref,
+                                  prompt=row.get("label") or None, subset=sub.name, placement=placement,
+                                  video=_existing(sub / "mixed" / f"{stem}.mp4")))
+    for stem in sorted(set(gens) - set(meta)):
+        problems.append(f"  {gens[stem]}: not in {sub / 'metadata.csv'}")
+    return items
+
+
+def _stem(name: str) -> str:
+    return Path(name.strip()).stem if name.strip() else ""
+
+
+def _placement_from_name(stem: str) -> str | None:
+    """The released set names composites ``<target>_<partner>_<side>`` (the official repository's
+    example; not a documented rule): the side is the placement when no column gives it."""
+    side = stem.rsplit("_", 1)[-1]
+    return side if side in PLACEMENTS else None
 
 
 def _existing(path: Path) -> Path | None:

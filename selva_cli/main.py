@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optional(subparsers, "training.train_cli")
     _add_optional(subparsers, "training.generate_cli")
     _add_optional(subparsers, "training.benchmark_cli")
+    _add_optional(subparsers, "training.evaluate_cli")
     _add_presets(subparsers)
     _add_optional(subparsers, "pipelines.demo")
     return parser
@@ -80,10 +81,13 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from selva.reference.inputs import InputError
     from selva.weights import MissingWeightsError
     from training.benchmark_read import BenchmarkError
+    from training.embedders import EmbedderUnavailable
+    from training.evaluate_data import EvaluationError
 
     return (
         PrecomputeError, ManifestError, ShardError, CheckpointError, ReferenceFormatError, InputError,
-        MissingWeightsError, BenchmarkError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+        MissingWeightsError, BenchmarkError, EvaluationError, EmbedderUnavailable, FileNotFoundError,
+        IsADirectoryError, NotADirectoryError, PermissionError,
     )  # fmt: skip
 
 

@@ -7,13 +7,11 @@ track can be traced back to the clips they came from, after H.264 and AAC.
 from __future__ import annotations
 
 import csv
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
-from media_fixtures import make_clip, write_text_as
+from media_fixtures import make_clip, write_colour_clip, write_text_as
 
 from preprocessing.compact import decode_flac, decode_sync_mp4
 from preprocessing.media import decode_clip
@@ -31,29 +29,6 @@ CLIPS = {
     "cello_1": ("playing cello", "music", (40, 40, 220), 1700.0),
     "violin_1": ("playing violin", "music", (230, 220, 40), 2600.0),
 }
-
-
-def write_colour_clip(path: Path, rgb: tuple[int, int, int], tone_hz: float, seconds: float = 1.5) -> Path:
-    """A 30 fps 48x32 H.264 clip of one colour with a 44.1 kHz stereo AAC sine of ``tone_hz``."""
-    with av.open(str(path), mode="w") as out:
-        video = out.add_stream("libx264", rate=30)
-        video.width, video.height, video.pix_fmt = 48, 32, "yuv420p"
-        video.options = {"preset": "ultrafast", "crf": "18"}
-        audio = out.add_stream("aac", rate=44100, layout="stereo")
-        n = round(seconds * 44100)
-        wave = (0.5 * np.sin(2 * np.pi * tone_hz * np.arange(n) / 44100)).astype(np.float32)
-        for first in range(0, n, 1024):
-            frame = av.AudioFrame.from_ndarray(np.stack([wave[first : first + 1024]] * 2), format="fltp",
-                                               layout="stereo")  # fmt: skip
-            frame.sample_rate, frame.pts, frame.time_base = 44100, first, Fraction(1, 44100)
-            out.mux(audio.encode(frame))
-        for i in range(round(seconds * 30)):
-            image = av.VideoFrame.from_ndarray(np.full((32, 48, 3), rgb, np.uint8), format="rgb24")
-            image.pts = i
-            out.mux(video.encode(image))
-        out.mux(video.encode(None))
-        out.mux(audio.encode(None))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +189,22 @@ def test_read_benchmark_reads_the_released_layout(tmp_path):
         (tmp_path / "intra_class" / "metadata.csv").write_text(text)
         with pytest.raises(BenchmarkError, match=error):
             read_benchmark(tmp_path)
+    # every bad row of every subset in one error, not only the first; evaluation needs no videos
+    (tmp_path / "intra_class" / "metadata.csv").write_text("file_name,label\nmissing.mp4,x\n")
+    (tmp_path / "inter_class" / "metadata.csv").write_text(
+        f"file_name,label,placement\n{a}_{b}_left.mp4,x,middle\ngone.mp4,y,left\n")
+    with pytest.raises(BenchmarkError) as caught:
+        read_benchmark(tmp_path)
+    lines = str(caught.value).splitlines()
+    assert lines[0] == f"{tmp_path}: 3 bad metadata rows:"
+    assert [line.split(": line ")[1] for line in lines[1:]] == [
+        f"2: no file {tmp_path / 'intra_class' / 'missing.mp4'} (nor in mixed/)",
+        "2: placement 'middle' is not left or right",
+        f"3: no file {tmp_path / 'inter_class' / 'gone.mp4'} (nor in mixed/)"]
+    (tmp_path / "inter_class" / "metadata.csv").write_text("file_name,label\ngone.mp4,y\n")
+    items = read_benchmark(tmp_path, require_videos=False)
+    assert [(i.subset, i.name, i.video) for i in items] == [("intra_class", "missing", None),
+                                                            ("inter_class", "gone", None)]
 
 
 def _clip(clip_id: str, label: str, category: str | None = None) -> BenchClip:

@@ -47,7 +47,7 @@ class BenchmarkError(ValueError):
 class BenchmarkItem:
     subset: str  # "intra_class", "inter_class", or another subset folder's name
     name: str  # the composite's file stem: generated audio is matched to references by it
-    video: Path  # the composite mp4 (two clips side by side)
+    video: Path | None  # the composite mp4 (two clips side by side); None only with require_videos=False
     target_audio: Path | None  # reference: 16 kHz mono, the target clip's sound; None where not found
     label: str  # the prompt (the target's label)
     negative: str | None  # the partner's label (negative prompt); None where the metadata has none
@@ -88,29 +88,35 @@ def _find_audio(folder: Path, *stems: str | None) -> Path | None:
     return None
 
 
-def _read_subset(folder: Path) -> list[BenchmarkItem]:
+def _read_subset(folder: Path, require_videos: bool, problems: list[str]) -> list[BenchmarkItem]:
+    """The items of one subset; every bad row is appended to ``problems`` (and left out)."""
     metadata = folder / "metadata.csv"
     with metadata.open("r", encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle)
         columns = [c.strip() for c in reader.fieldnames or []]
         missing = [c for c in ("file_name", "label") if c not in columns]
         if missing:
-            raise BenchmarkError(f"{metadata}: no column {', '.join(missing)} (columns: {', '.join(columns)})")
+            problems.append(f"{metadata}: no column {', '.join(missing)} (columns: {', '.join(columns)})")
+            return []
         items: list[BenchmarkItem] = []
         seen: dict[str, int] = {}
         for row in reader:
             line = reader.line_num
+            where = f"{metadata}: line {line}"
             row = {(k or "").strip(): v for k, v in row.items()}
             file_name, label = _first(row, "file_name"), _first(row, "label")
             if file_name is None or label is None:
-                raise BenchmarkError(f"{metadata}: line {line}: empty file_name or label")
+                problems.append(f"{where}: empty file_name or label")
+                continue
             name = Path(file_name).stem
             if name in seen:
-                raise BenchmarkError(f"{metadata}: line {line}: {name!r} is listed again (first on line {seen[name]})")
+                problems.append(f"{where}: {name!r} is listed again (first on line {seen[name]})")
+                continue
             seen[name] = line
             video = _find_video(folder, file_name)
-            if video is None:
-                raise BenchmarkError(f"{metadata}: line {line}: no file {folder / file_name} (nor in mixed/)")
+            if video is None and require_videos:
+                problems.append(f"{where}: no file {folder / file_name} (nor in mixed/)")
+                continue
             parsed = VGGSOUND_PAIR.match(name)
             placement = _first(row, "placement", "target_position")
             if placement is None and name.rsplit("_", 1)[-1] in PLACEMENTS:
@@ -118,7 +124,8 @@ def _read_subset(folder: Path) -> list[BenchmarkItem]:
             if placement is not None:
                 placement = placement.lower()
                 if placement not in PLACEMENTS:
-                    raise BenchmarkError(f"{metadata}: line {line}: placement {placement!r} is not left or right")
+                    problems.append(f"{where}: placement {placement!r} is not left or right")
+                    continue
             target = _first(row, "target", "target_file") or (parsed.group(1) if parsed else None)
             partner = _first(row, "partner", "paired_file") or (parsed.group(2) if parsed else None)
             target = Path(target).stem if target else None
@@ -133,13 +140,24 @@ def _read_subset(folder: Path) -> list[BenchmarkItem]:
     return items
 
 
-def read_benchmark(root: str | Path) -> list[BenchmarkItem]:
+def read_benchmark(root: str | Path, require_videos: bool = True) -> list[BenchmarkItem]:
     """Every item of the benchmark at ``root``, subset by subset (intra_class, inter_class, then any
-    other subset folder), each in its metadata's order."""
+    other subset folder), each in its metadata's order.
+
+    ``require_videos=False`` (evaluation, which needs only the references) accepts rows whose
+    composite is not on disk; their ``video`` is None. Raises one BenchmarkError listing every bad
+    row of every subset (first line: how many), never only the first.
+    """
     root = Path(root)
     if not root.is_dir():
         raise BenchmarkError(f"{root}: no such folder (expected a benchmark with intra_class/ and inter_class/)")
     folders = _subset_dirs(root)
     if not folders:
         raise BenchmarkError(f"{root}: no <subset>/metadata.csv (expected intra_class/ and inter_class/)")
-    return [item for folder in folders for item in _read_subset(folder)]
+    problems: list[str] = []
+    items = [item for folder in folders for item in _read_subset(folder, require_videos, problems)]
+    if problems:
+        if len(problems) == 1:
+            raise BenchmarkError(problems[0])
+        raise BenchmarkError("\n".join([f"{root}: {len(problems)} bad metadata rows:", *(f"  {p}" for p in problems)]))
+    return items

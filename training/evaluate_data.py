@@ -32,8 +32,8 @@ import numpy as np
 import torch
 import torchaudio.functional as AF
 
-AUDIO_SUFFIXES = (".flac", ".wav")  # what av-benchmark globs; other files are not audio to us either
-PLACEMENTS = ("left", "right")
+from training.benchmark_plan import PLACEMENTS
+from training.benchmark_read import AUDIO_SUFFIXES, BenchmarkError, BenchmarkItem, read_benchmark
 
 
 class EvaluationError(ValueError):
@@ -122,8 +122,13 @@ def pair_files(generated: str | os.PathLike, reference: str | os.PathLike, metad
     if is_benchmark_root(ref_root):
         layout = "benchmark"
         subsets = sorted(d for d in ref_root.iterdir() if (d / "metadata.csv").is_file())
+        try:  # the metadata is read as generate --manifest reads it: one reader, one meaning of each column
+            rows = read_benchmark(ref_root, require_videos=False)
+        except BenchmarkError as err:
+            raise EvaluationError(str(err)) from None
         for sub in subsets:
-            items += _benchmark_subset(sub, gen_root / sub.name, problems, seen)
+            items += _benchmark_subset(sub, [r for r in rows if r.subset == sub.name], gen_root / sub.name,
+                                       problems, seen)
         placement_known = any(it.placement is not None for it in items)
         names = {s.name for s in subsets}
         # generate's failures/ and other bookkeeping folders hold no audio: only audio folders count
@@ -155,43 +160,26 @@ def pair_files(generated: str | os.PathLike, reference: str | os.PathLike, metad
     return Pairing(layout, items, placement_known, seconds)
 
 
-def _benchmark_subset(sub: Path, gen_dir: Path, problems: list[str], seen: list[Path]) -> list[EvalItem]:
-    """The items of one benchmark subset, driven by its metadata rows: each row's composite name
-    pairs ``GEN/<subset>/<name>`` with ``target_audio/<name>``, or ``target_audio/<target id>`` when
-    the references are named by clip (both placements of a pair then share one reference)."""
-    meta = read_metadata(sub / "metadata.csv")
-    refs = _audio_files(sub / "target_audio", problems, seen)
+def _benchmark_subset(sub: Path, rows: list[BenchmarkItem], gen_dir: Path, problems: list[str],
+                      seen: list[Path]) -> list[EvalItem]:
+    """The items of one benchmark subset, driven by its metadata rows (``read_benchmark``): each row's
+    composite name pairs ``GEN/<subset>/<name>`` with its reference, ``target_audio/<name>`` or
+    ``target_audio/<target id>`` (both placements of a pair then share one reference)."""
+    _audio_files(sub / "target_audio", problems, seen)  # every reference is decoded, and x.wav + x.flac is a problem
     gens = _audio_files(gen_dir, problems, seen)
     items = []
-    for stem in sorted(meta):
-        row = meta[stem]
-        target = _stem(row.get("target") or row.get("target_file") or "")
-        ref = refs.get(stem) or (refs.get(target) if target else None)
-        if ref is None:
-            problems.append(f"  {sub / 'metadata.csv'}: {stem} has no reference audio in {sub / 'target_audio'}")
-        if stem not in gens:
-            problems.append(f"  {sub / 'metadata.csv'}: {stem} has no generated audio {gen_dir / stem}.(flac|wav)")
-        placement = row.get("placement") or row.get("target_position") or _placement_from_name(stem)
-        if placement is not None and placement not in PLACEMENTS:
-            problems.append(f"  {sub / 'metadata.csv'}: {stem}: placement {placement!r} is not left or right")
-        if ref is not None and stem in gens:
-            items.append(EvalItem(key=f"{sub.name}/{stem}", generated=gens[stem], reference=ref,
-                                  prompt=row.get("label") or None, subset=sub.name, placement=placement,
-                                  video=_existing(sub / "mixed" / f"{stem}.mp4")))
-    for stem in sorted(set(gens) - set(meta)):
+    meta = sub / "metadata.csv"
+    for row in sorted(rows, key=lambda r: r.name):
+        if row.target_audio is None:
+            problems.append(f"  {meta}: {row.name} has no reference audio in {sub / 'target_audio'}")
+        if row.name not in gens:
+            problems.append(f"  {meta}: {row.name} has no generated audio {gen_dir / row.name}.(flac|wav)")
+        if row.target_audio is not None and row.name in gens:
+            items.append(EvalItem(key=f"{sub.name}/{row.name}", generated=gens[row.name], reference=row.target_audio,
+                                  prompt=row.label, subset=sub.name, placement=row.placement, video=row.video))
+    for stem in sorted(set(gens) - {r.name for r in rows}):
         problems.append(f"  {gens[stem]}: not in {sub / 'metadata.csv'}")
     return items
-
-
-def _stem(name: str) -> str:
-    return Path(name.strip()).stem if name.strip() else ""
-
-
-def _placement_from_name(stem: str) -> str | None:
-    """The released set names composites ``<target>_<partner>_<side>`` (the official repository's
-    example; not a documented rule): the side is the placement when no column gives it."""
-    side = stem.rsplit("_", 1)[-1]
-    return side if side in PLACEMENTS else None
 
 
 def _existing(path: Path) -> Path | None:

@@ -61,7 +61,7 @@ def _configure(config: str, extra_x264: str = "") -> None:
     from preprocessing import compact
 
     if not hasattr(compact, "_orig_params"):
-        compact._orig_params = (compact.SYNC_X264_PARAMS, compact._to_yuv420p, compact.default_float_env)
+        compact._orig_params = (compact.SYNC_X264_PARAMS, compact.to_yuv420p, compact.default_float_env)
     params, to_yuv, float_env = compact._orig_params
     if config == "old":
         params = "scenecut=0"
@@ -71,7 +71,7 @@ def _configure(config: str, extra_x264: str = "") -> None:
             return av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
 
     compact.SYNC_X264_PARAMS = params + extra_x264
-    compact._to_yuv420p = to_yuv
+    compact.to_yuv420p = to_yuv
     compact.default_float_env = float_env
 
 

@@ -59,12 +59,14 @@ SYNC_SWS_FLAGS = (
 )
 SYNC_SWS_THREADS = 1
 FLAC_SCALE = 32768.0  # s16 full scale
-_BITEXACT = {"fflags": "+bitexact"}
+BITEXACT_MUXER = {"fflags": "+bitexact"}  # no version strings or creation times: same inputs, same bytes
 
 _ENCODER_CANDIDATES = ("libx264", "h264", "libopenh264", "mpeg4")
 
 
-def _configure_encoder(ctx: av.codec.CodecContext, crf: int, preset: str) -> None:
+def configure_encoder(ctx: av.codec.CodecContext, crf: int, preset: str) -> None:
+    """Set a video encoder's options as ``sync.mp4``'s: quality (CRF, or a pinned quantiser for MPEG-4),
+    one thread and CPU-independent choices for libx264, FFmpeg's bitexact flag (module comments say why)."""
     if ctx.name == "libx264":
         ctx.options = {"crf": str(crf), "preset": preset, "threads": SYNC_THREADS, "x264-params": SYNC_X264_PARAMS}
     elif ctx.name == "mpeg4":
@@ -82,7 +84,7 @@ def _try_encoder(name: str) -> str | None:
         ctx.width = ctx.height = 16
         ctx.pix_fmt = "yuv420p"
         ctx.time_base = Fraction(1, 25)
-        _configure_encoder(ctx, SYNC_CRF, SYNC_PRESET)
+        configure_encoder(ctx, SYNC_CRF, SYNC_PRESET)
         ctx.open()
         frame = av.VideoFrame(16, 16, "yuv420p")
         frame.pts = 0
@@ -103,7 +105,7 @@ def video_encoder() -> str:
     raise RuntimeError(f"PyAV {av.__version__} has none of the video encoders {', '.join(_ENCODER_CANDIDATES)}")
 
 
-def _to_yuv420p(reformatter: av.video.reformatter.VideoReformatter, rgb: np.ndarray) -> av.VideoFrame:
+def to_yuv420p(reformatter: av.video.reformatter.VideoReformatter, rgb: np.ndarray) -> av.VideoFrame:
     """The encoder's input frame: the same planes on every run and every CPU (``SYNC_SWS_FLAGS``)."""
     frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
     return reformatter.reformat(frame, format="yuv420p", interpolation=SYNC_SWS_FLAGS, threads=SYNC_SWS_THREADS)
@@ -154,13 +156,13 @@ def encode_sync_mp4(frames: np.ndarray, fps: int = 25, *, crf: int = SYNC_CRF, p
         raise ValueError(f"yuv420p needs even frame sizes, got {width}x{height}")
     encoder = video_encoder()
     buf = io.BytesIO()
-    with default_float_env(), av.open(buf, mode="w", format="mp4", options=_BITEXACT) as out:
+    with default_float_env(), av.open(buf, mode="w", format="mp4", options=BITEXACT_MUXER) as out:
         stream = out.add_stream(encoder, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        _configure_encoder(stream.codec_context, crf, preset)
+        configure_encoder(stream.codec_context, crf, preset)
         reformatter = av.video.reformatter.VideoReformatter()
         for i, rgb in enumerate(frames):
-            frame = _to_yuv420p(reformatter, rgb)
+            frame = to_yuv420p(reformatter, rgb)
             frame.pts = i
             out.mux(stream.encode(frame))
         out.mux(stream.encode(None))
@@ -177,6 +179,15 @@ def decode_sync_mp4(data: bytes) -> np.ndarray:
     return np.stack(frames)
 
 
+def pcm16(audio: np.ndarray) -> np.ndarray:
+    """A float waveform in [-1, 1] as 16-bit PCM (int16, same shape): round(x * 32768), clipped.
+    The one quantisation of every audio file we write (FLAC members and outputs, the ALAC track of
+    ``selva generate``'s mp4), so they hold the same samples."""
+    # 1.0 itself is the one value s16 cannot hold; clipping it costs one quantisation step at most
+    audio = np.clip(np.asarray(audio), -1.0, 1.0).astype(np.float64)
+    return np.clip(np.round(audio * FLAC_SCALE), -32768, 32767).astype(np.int16)
+
+
 def encode_flac(audio: np.ndarray, sample_rate: int) -> bytes:
     """Encode a mono float waveform in [-1, 1] as 16-bit FLAC."""
     audio = np.asarray(audio)
@@ -185,11 +196,10 @@ def encode_flac(audio: np.ndarray, sample_rate: int) -> bytes:
     peak = float(np.max(np.abs(audio)))
     if not np.isfinite(peak) or peak > 1.0:
         raise ValueError(f"audio must be finite and within [-1, 1] (peak {peak}); normalise before encoding")
-    # 1.0 itself is the one value s16 cannot hold; clipping it costs one quantisation step at most
-    pcm = np.clip(np.round(audio.astype(np.float64) * FLAC_SCALE), -32768, 32767).astype(np.int16)
+    pcm = pcm16(audio)
     buf = io.BytesIO()
     # FFmpeg's FLAC encoder fits its LPC coefficients in double precision: pin the rounding mode too
-    with default_float_env(), av.open(buf, mode="w", format="flac", options=_BITEXACT) as out:
+    with default_float_env(), av.open(buf, mode="w", format="flac", options=BITEXACT_MUXER) as out:
         stream = out.add_stream("flac", rate=sample_rate, layout="mono", format="s16")
         stream.codec_context.flags |= av.codec.context.Flags.bitexact
         frame = av.AudioFrame.from_ndarray(pcm[None, :], format="s16", layout="mono")

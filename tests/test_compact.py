@@ -176,10 +176,10 @@ def test_sync_mp4_encoder_input_is_deterministic() -> None:
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
     reformatter = av.video.reformatter.VideoReformatter()
-    simd = compact._to_yuv420p(reformatter, rgb).to_ndarray()
+    simd = compact.to_yuv420p(reformatter, rgb).to_ndarray()
     _force_ffmpeg_cpu_flags(0)
     try:
-        plain_c = compact._to_yuv420p(av.video.reformatter.VideoReformatter(), rgb).to_ndarray()
+        plain_c = compact.to_yuv420p(av.video.reformatter.VideoReformatter(), rgb).to_ndarray()
     finally:
         _force_ffmpeg_cpu_flags(-1)
     np.testing.assert_array_equal(simd, plain_c)

@@ -38,13 +38,13 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocessing.av_mux import encode_av_mp4
 from preprocessing.compact import encode_flac
 from preprocessing.errors import Rejected, RejectReason
 from preprocessing.input_rows import Collisions, judge_row, prompt_text
 from preprocessing.input_table import read_input_table
 from preprocessing.manifest import resolve_media_path
 from preprocessing.media import TRAIN_PEAK, decode_clip
+from preprocessing.mux import encode_av_mp4
 from preprocessing.shards import TMP_SUFFIX, atomic_target, write_json_atomic
 from training.benchmark_plan import DEFAULT_PARTNERS, SAFE_ID, SUBSETS, BenchClip, PlannedItem, plan_items
 from training.benchmark_read import BenchmarkError

@@ -220,10 +220,7 @@ class PasstEmbedder:
         state = _state_dict(path)
         if any(k.startswith("net.") for k in state):  # a saved PasstBasicWrapper: keep the network's part
             state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
-        missing, unexpected = net.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise EmbedderUnavailable(f"passt: {path} does not fit passt_s_swa_p16_128_ap476: missing "
-                                      f"{_few(missing)}, unexpected {_few(unexpected)}")
+        _load_exactly(net, state, f"passt: {path} does not fit passt_s_swa_p16_128_ap476")
         self.net = PasstBasicWrapper(mel=mel, net=net, mode="all").eval().to(self.device)
 
     @torch.inference_mode()
@@ -256,11 +253,7 @@ class VggishEmbedder:
         self.batch_size = batch_size
         self.weights = WeightsRef(str(Path(path).resolve()), sha256_path(path))
         net = VGGish()
-        state = _state_dict(path)
-        missing, unexpected = net.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise EmbedderUnavailable(f"vggish: {path} does not fit the VGGish network: missing {_few(missing)}, "
-                                      f"unexpected {_few(unexpected)}")
+        _load_exactly(net, _state_dict(path), f"vggish: {path} does not fit the VGGish network")
         # av-benchmark drops the ReLU after the 128-d layer ("to match audioldm_eval"): raw linear outputs
         net.embeddings = nn.Sequential(*list(net.embeddings)[:-1])
         self.net = net.eval().to(self.device)
@@ -288,6 +281,13 @@ def _state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise EmbedderUnavailable(f"{path}: not a state dict (a {type(state).__name__})")
     return state
+
+
+def _load_exactly(net: torch.nn.Module, state: dict[str, torch.Tensor], misfit: str) -> None:
+    """Load every key and nothing else; otherwise EmbedderUnavailable(``misfit``: the keys concerned)."""
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise EmbedderUnavailable(f"{misfit}: missing {_few(missing)}, unexpected {_few(unexpected)}")
 
 
 def _few(keys: Sequence[str], limit: int = 5) -> str:

@@ -107,6 +107,29 @@ def _write_audio(
     return first + count
 
 
+def write_colour_clip(path: Path, rgb: tuple[int, int, int], tone_hz: float, seconds: float = 1.5) -> Path:
+    """A 30 fps 48x32 H.264 clip of one colour with a 44.1 kHz stereo AAC sine of ``tone_hz``."""
+    with av.open(str(path), mode="w") as out:
+        video = out.add_stream("libx264", rate=30)
+        video.width, video.height, video.pix_fmt = 48, 32, "yuv420p"
+        video.options = {"preset": "ultrafast", "crf": "18"}
+        audio = out.add_stream("aac", rate=44100, layout="stereo")
+        n = round(seconds * 44100)
+        wave = (0.5 * np.sin(2 * np.pi * tone_hz * np.arange(n) / 44100)).astype(np.float32)
+        for first in range(0, n, 1024):
+            frame = av.AudioFrame.from_ndarray(np.stack([wave[first : first + 1024]] * 2), format="fltp",
+                                               layout="stereo")  # fmt: skip
+            frame.sample_rate, frame.pts, frame.time_base = 44100, first, Fraction(1, 44100)
+            out.mux(audio.encode(frame))
+        for i in range(round(seconds * 30)):
+            image = av.VideoFrame.from_ndarray(np.full((32, 48, 3), rgb, np.uint8), format="rgb24")
+            image.pts = i
+            out.mux(video.encode(image))
+        out.mux(video.encode(None))
+        out.mux(audio.encode(None))
+    return path
+
+
 def write_text_as(path: str | Path, text: str = "this is not a video\n") -> Path:
     path = Path(path)
     path.write_text(text)

@@ -20,39 +20,19 @@ import numpy as np
 import pytest
 import torch
 import torchaudio.functional as AF
+from tiny_clap import CLAP_RATE, write_tiny_clap
 from tracking_servers import no_mlflow_env
 
 from preprocessing.compact import decode_flac, encode_flac
 from selva_cli.main import main
 from training.evaluate_data import load_audio
 
-CLAP_RATE = 48_000
 SECONDS = 1.0  # the tiny CLAP's window (1 s: its numpy log-mel is the slow part); --duration below
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 @pytest.fixture(scope="module")
 def clap_dir(tmp_path_factory) -> Path:
-    """A tiny random ClapModel + ClapProcessor (byte-level BPE over letters) in save_pretrained layout."""
-    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor, RobertaTokenizer
-
-    folder = tmp_path_factory.mktemp("clap")
-    text = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
-                max_position_embeddings=64, projection_dim=16)
-    audio = dict(window_size=4, num_mel_bins=16, spec_size=64, patch_size=4, patch_stride=(4, 4), num_classes=10,
-                 hidden_size=32, patch_embeds_hidden_size=16, depths=[1, 1], num_attention_heads=[2, 2],
-                 projection_dim=16, enable_fusion=False)
-    torch.manual_seed(0)
-    ClapModel(ClapConfig(text_config=text, audio_config=audio, projection_dim=16)).save_pretrained(folder)
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<mask>": 4}
-    vocab.update({c: 5 + i for i, c in enumerate(LETTERS)})
-    vocab.update({"\u0120" + c: 31 + i for i, c in enumerate(LETTERS)})  # "\u0120": byte-level BPE's space
-    vocab["\u0120"] = 57
-    tokenizer = RobertaTokenizer(vocab=vocab, merges=[("\u0120", c) for c in LETTERS])
-    features = ClapFeatureExtractor(feature_size=16, sampling_rate=CLAP_RATE, hop_length=480, max_length_s=1,
-                                    fft_window_size=1024)
-    ClapProcessor(feature_extractor=features, tokenizer=tokenizer).save_pretrained(folder)
-    return folder
+    return write_tiny_clap(tmp_path_factory.mktemp("clap"))
 
 
 def _tone(seconds: float, rate: int, hz: float, seed: int, channels: int = 1, dc: float = 0.0) -> np.ndarray:

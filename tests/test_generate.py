@@ -1,6 +1,7 @@
 """``selva generate`` with a tiny checkpoint from the trainer: files equal to the library call, the
 negative prompt, the mp4 (copied or re-encoded picture, lossless track), silent inputs, one-line
-errors, and ``--manifest`` killed and rerun."""
+errors, ``--manifest`` killed and rerun, and a benchmark from ``selva benchmark build`` through
+``generate --manifest`` to ``selva evaluate``."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from PIL import Image
 
 from preprocessing.compact import FLAC_SCALE, decode_flac, encode_flac
 from selva_cli.main import main
-from tests.media_fixtures import make_clip, real_clips_dir, write_text_as
+from tests.media_fixtures import make_clip, real_clips_dir, write_colour_clip, write_text_as
+from tests.tiny_clap import write_tiny_clap
 from tests.train_launch import REPO, job_env
 from training.generate import (
     GenerationRequest,
@@ -82,6 +84,9 @@ def test_a_real_clip_gives_the_library_call_bit_for_bit(tiny_export, model, tmp_
         assert stream.frames == round(2 * rate) and (stream.width, stream.height) == size
     image = Image.open(png)
     assert image.format == "PNG" and image.width > 100
+    # a rerun writes the same bytes (bit-exact muxer and encoder settings), re-encoded picture included
+    assert main([*args, "--name", "again"]) == 0
+    assert (tmp_path / "again.mp4").read_bytes() == mp4.read_bytes()
 
     # the negative prompt replaces the empty text of the unconditional branch: other audio, same name rule
     assert main([*args, "--negative-prompt", "a man speaking", "--name", "neg"]) == 0
@@ -229,3 +234,46 @@ def test_ray_workers_split_the_list_like_ranks(tiny_export, model, tmp_path, cap
         ours, theirs = _pcm(out / f"{item.name}.flac"), _pcm(tmp_path / "local" / f"{item.name}.flac")
         assert np.abs(ours - theirs).max() <= 64  # other processes, other thread counts: last bits only
     assert main(args) == 1 and "generated 0, already done 2, failed 1" in capsys.readouterr().out
+
+
+def test_a_benchmark_is_built_generated_and_evaluated_per_subset_and_placement(tiny_export, model, tmp_path, capsys):
+    """The three commands of a benchmark run chained as a user runs them: every composite gets its
+    prompt and its partner's label as the negative prompt, lands under its subset, and evaluate
+    reports every pair overall, per subset and per placement."""
+    from training.benchmark_read import read_benchmark
+
+    clips = {"dog": ("dog barking", "animal", (220, 40, 40), 440.0), "cat": ("cat meowing", "animal", (40, 200, 40),
+             1000.0), "cello": ("playing cello", "music", (40, 40, 220), 1700.0),
+             "violin": ("playing violin", "music", (230, 220, 40), 2600.0)}  # fmt: skip
+    lines = ["id\tlabel\tcategory\tpath"]
+    for clip_id, (label, category, rgb, tone) in clips.items():
+        write_colour_clip(tmp_path / f"{clip_id}.mp4", rgb, tone, seconds=2.5)
+        lines.append(f"{clip_id}\t{label}\t{category}\t{clip_id}.mp4")
+    (tmp_path / "clips.tsv").write_text("\n".join(lines) + "\n")
+    bench, gen = tmp_path / "bench", tmp_path / "gen"
+    assert main(["benchmark", "build", "--clips", str(tmp_path / "clips.tsv"), "--out", str(bench),
+                 "--duration", "2", "--frame-size", "32", "--partners", "1"]) == 0
+    items = read_benchmark(bench)
+    assert len(items) == 16 and {i.subset for i in items} == {"intra_class", "inter_class"}
+    assert main(["generate", "--checkpoint", str(tiny_export), "--manifest", str(bench), "--out", str(gen),
+                 "--seed", "5", *STEPS]) == 0
+    for item in items:
+        assert len(_pcm(gen / item.subset / f"{item.name}.flac")) == 2 * 16_000
+    one = items[-1]  # an inter_class composite: prompt = its label, negative prompt = the partner's label
+    assert one.subset == "inter_class" and one.negative == clips[one.partner][0] != one.label
+    direct = generate(model, GenerationRequest(one.video, one.label, one.negative, steps=4,
+                                               seed=item_seed(5, f"{one.subset}/{one.name}")))
+    ours = np.round(audio_for_files(direct.audio)[0].astype(np.float64) * FLAC_SCALE)
+    assert np.abs(_pcm(gen / one.subset / f"{one.name}.flac") - ours).max() <= 64  # batched: last bits only
+
+    clap = write_tiny_clap(tmp_path / "clap")
+    report_path = tmp_path / "metrics.json"
+    capsys.readouterr()
+    assert main(["evaluate", "--generated", str(gen), "--reference", str(bench), "--embedders", f"clap={clap}",
+                 "--out", str(report_path), "--duration", "1", "--no-progress", "--device", "cpu"]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["layout"] == "benchmark" and report["pairs"] == 16
+    files = {group: entry["LAION-CLAP-Score"]["files"] for group, entry in report["metrics"].items()}
+    assert files == {"overall": 16, "subset/inter_class": 8, "subset/intra_class": 8, "placement/left": 8,
+                     "placement/right": 8}
+    assert sorted(report["per_file"]["LAION-CLAP-Score"]) == sorted(f"{i.subset}/{i.name}" for i in items)

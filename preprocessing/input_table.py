@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 TEXT_COLUMNS = ("caption", "label", "text")
-OPTIONAL_COLUMNS = ("path", "start", "duration", "split", "category")
+# negative: the negative prompt of `selva generate --manifest` (other jobs ignore it)
+OPTIONAL_COLUMNS = ("path", "start", "duration", "split", "category", "negative")
 KNOWN_COLUMNS = ("id", *TEXT_COLUMNS, *OPTIONAL_COLUMNS)
 
 

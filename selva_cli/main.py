@@ -83,11 +83,12 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from training.benchmark_read import BenchmarkError
     from training.embedders import EmbedderUnavailable
     from training.evaluate_data import EvaluationError
+    from training.generate import GenerationError
 
     return (
         PrecomputeError, ManifestError, ShardError, CheckpointError, ReferenceFormatError, InputError,
         MissingWeightsError, BenchmarkError, EvaluationError, EmbedderUnavailable, FileNotFoundError,
-        IsADirectoryError, NotADirectoryError, PermissionError,
+        IsADirectoryError, NotADirectoryError, PermissionError, GenerationError,
     )  # fmt: skip
 
 

@@ -128,6 +128,14 @@ def test_clap_score_equals_a_direct_clap_cosine_and_names_its_weights(tmp_path, 
     assert kad["bandwidth_source"] == "median pairwise distance of the reference set" and kad["bandwidth"] > 0
     assert report["layout"] == "flat" and report["pairs"] == 4 and report["errors"] == []
     assert list(report["metrics"]) == ["overall"]  # a flat reference has no subsets or placements
+    assert kad["note"].startswith("4 files per set: the unbiased estimate's sampling noise")
+    # a clip table (id<TAB>label, as generate --manifest reads) serves as metadata too
+    table = tmp_path / "clips.tsv"
+    table.write_text("id\tlabel\n" + "".join(f"{n}\t{PROMPTS[n]}\n" for n in names))
+    assert main(["evaluate", "--generated", str(gen), "--reference", str(ref), "--metadata", str(table),
+                 "--embedders", f"clap={clap_dir}", "--out", str(tmp_path / "m2.json"), "--duration", str(SECONDS),
+                 "--no-progress", "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "m2.json").read_text())["per_file"]["LAION-CLAP-Score"] == per_file
     assert "LAION-CLAP-Score" in capsys.readouterr().out  # the summary table
 
 
@@ -228,14 +236,20 @@ def test_every_unpaired_and_duplicated_file_is_listed_in_one_error(tmp_path, cla
     _write_flac(gen / "orphan.flac", _tone(1.0, CLAP_RATE, 500, 8)[0], CLAP_RATE)
     (ref / "cat.flac").unlink()
     _write_wav(ref / "dog.wav", _tone(1.0, 16_000, 400, 9, channels=1), 16_000)  # a second file for "dog"
+    (gen / "x.mp3").write_bytes(b"ID3")  # audio av-benchmark does not read, and audio below the top level:
+    _write_flac(gen / "more" / "deep.flac", _tone(1.0, CLAP_RATE, 500, 6)[0], CLAP_RATE)  # neither is dropped
     out = tmp_path / "metrics.json"
     code = main(["evaluate", "--generated", str(gen), "--reference", str(ref), "--metadata", str(meta),
                  "--embedders", f"clap={clap_dir}", "--out", str(out), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 1 and not out.exists()
     lines = err.strip().splitlines()
-    assert lines[0].startswith("error: 4 file problem(s) between --generated") and "Traceback" not in err
+    assert lines[0].startswith("error: 6 file problem(s) between --generated") and "Traceback" not in err
     assert sorted(lines[1:]) == sorted([f"  {ref / 'dog.wav'}: a second file for dog (also dog.flac)",
+                                        f"  {gen / 'x.mp3'}: .mp3 is not read (av-benchmark reads .flac and .wav): "
+                                        "convert it",
+                                        f"  {gen / 'more'}: audio in a subfolder (a flat layout pairs only the files "
+                                        f"directly in {gen})",
                                         f"  {gen / 'cat.flac'}: no reference cat",
                                         f"  {gen / 'extra.flac'}: no reference extra",
                                         f"  {gen / 'orphan.flac'}: no reference orphan"])

@@ -42,6 +42,10 @@ def model(tiny_export):
     return load_model(tiny_export)
 
 
+def _pcm_of(generated) -> np.ndarray:
+    return np.round(audio_for_files(generated.audio)[0].astype(np.float64) * FLAC_SCALE).astype(np.int64)
+
+
 def _pcm(path: Path) -> np.ndarray:
     audio, rate = decode_flac(path.read_bytes())
     assert rate == 16_000
@@ -67,7 +71,8 @@ def test_a_real_clip_gives_the_library_call_bit_for_bit(tiny_export, model, tmp_
     args = ["generate", "--checkpoint", str(tiny_export), "--video", str(video), "--prompt", "a dog  barking",
             "--start", "1.5", "--seed", "7", "--out", str(tmp_path), *STEPS]
     assert main(args) == 0
-    name = default_name(video, "a dog barking")
+    name = default_name(video, "a dog barking", 1.5)  # the span is part of the name: other spans, other files
+    assert name != default_name(video, "a dog barking") != default_name(video, "a dog barking", 0.0, 2.0)
     flac, mp4, png = (tmp_path / f"{name}.{ext}" for ext in ("flac", "mp4", "png"))
     assert "re-encoded (the span does not start on a keyframe)" in capsys.readouterr().out
 
@@ -192,11 +197,12 @@ def test_a_killed_manifest_run_finishes_only_what_is_missing(tiny_export, model,
     assert failure["kind"] == "missing_file" and "gone.mp4" in failure["message"]
     # an item's sound depends on the run's seed and its name only: one library call in this process gives
     # it (another process may run other thread counts: last float bits, grown by Griffin-Lim to < 2e-3)
-    name = default_name("c1", "sound number 1")
+    # outputs are named by id; c1's row has the negative prompt "a hum"
     direct = generate(model, GenerationRequest(table.parent / "c1.mp4", "sound number 1", "a hum", steps=4,
-                                               seed=item_seed(3, name)))
+                                               seed=item_seed(3, "c1")))
     ours = np.round(audio_for_files(direct.audio)[0].astype(np.float64) * FLAC_SCALE)
-    assert np.abs(_pcm(out / f"{name}.flac") - ours).max() <= 64
+    assert np.abs(_pcm(out / "c1.flac") - ours).max() <= 64
+
 
 
 def test_ranks_split_the_list_and_batches_do_not_change_the_items(model, tmp_path):
@@ -209,6 +215,15 @@ def test_ranks_split_the_list_and_batches_do_not_change_the_items(model, tmp_pat
     assert [r.generated for r in reports] == [2, 1] and reports[1].failed == {"missing_file": 1}
     single = run_items(model, items[:3], tmp_path / "one", steps=4, seed=1, batch_size=1)
     assert single.generated == 3
+    # the table's negative column reaches the sampler: c1 alone in its batch is the library call with it, bit
+    # for bit, and not the call without it (this tiny model's negative prompt moves the samples only slightly)
+    assert [i.negative for i in items] == [None, "a hum", None, None]
+    with_negative, without = (
+        _pcm_of(generate(model, GenerationRequest(items[1].video, "sound number 1", negative, steps=4,
+                                                  seed=item_seed(1, "c1"))))
+        for negative in ("a hum", None))
+    assert np.array_equal(_pcm(tmp_path / "one" / "c1.flac"), with_negative)
+    assert not np.array_equal(with_negative, without)
     for item in items[:3]:
         a, b = _pcm(tmp_path / "two" / f"{item.name}.flac"), _pcm(tmp_path / "one" / f"{item.name}.flac")
         # batched matmuls and FFTs round differently in the last bits; Griffin-Lim (the embedded codec) grows
@@ -277,3 +292,42 @@ def test_a_benchmark_is_built_generated_and_evaluated_per_subset_and_placement(t
     assert files == {"overall": 16, "subset/inter_class": 8, "subset/intra_class": 8, "placement/left": 8,
                      "placement/right": 8}
     assert sorted(report["per_file"]["LAION-CLAP-Score"]) == sorted(f"{i.subset}/{i.name}" for i in items)
+
+
+def test_rows_and_options_that_cannot_run_are_named_and_recorded(tiny_export, tmp_path, capsys, monkeypatch):
+    """Every table row becomes an output, a recorded failure or a recorded rejection; options that would be
+    ignored or would mix settings in one folder are one line each, before any work."""
+    make_clip(tmp_path / "c0.mp4", 2.2, fps=25, size=(64, 64))
+    table = tmp_path / "list.tsv"
+    table.write_text("id\tlabel\tstart\tduration\n" "c0\ta beep\t0\t\n" "c1\ta beep\t-1\t\n" "c2\ta beep\t0\t0.7\n"
+                     "c0\ta hum\t0\t\n" "c3\t \t0\t\n")  # fmt: skip
+    out = tmp_path / "gen"
+    base = ["generate", "--checkpoint", str(tiny_export), "--out", str(out), *STEPS]
+    capsys.readouterr()
+    assert main([*base, "--manifest", str(table)]) == 1
+    printed = capsys.readouterr()
+    assert "generated 1, already done 0, failed 0, rejected rows 4" in printed.out
+    rejected = json.loads((out / "failures" / "rejected-rows.json").read_text())["rejected_rows"]
+    assert [line.split(": ", 1)[0] for line in rejected] == [
+        f"{table} row {n} (line {n + 1})" + (f" id='{i}'" if i else "") for n, i in ((2, "c1"), (3, "c2"), (4, "c0"),
+                                                                                      (5, ""))]
+    assert "start -1 is not a number of seconds >= 0" in rejected[0] and "multiple of 0.04 s" in rejected[1]
+    assert "the id of row 1 again" in rejected[2] and rejected[3].endswith("empty prompt")
+    assert [line for line in printed.err.splitlines() if line.startswith("rejected: ")] == [
+        f"rejected: {line}" for line in rejected]
+    assert sorted(p.name for p in out.glob("*.flac")) == ["c0.flac"]  # named by id
+
+    def one_line(args: list[str], code: int) -> str:
+        assert main(args) == code
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+        return lines[0]
+
+    assert "steps 4 -> 2" in one_line([*base[:-1], "2", "--manifest", str(table)], 1)  # a folder keeps its settings
+    assert "--duration belong to one --video" in one_line([*base, "--manifest", str(table), "--duration", "2"], 2)
+    assert "without folders" in one_line([*base, "--video", str(tmp_path / "c0.mp4"), "--prompt", "a",
+                                          "--name", "../up"], 2)
+    (tmp_path / "afile").write_text("x")
+    assert "is a file" in one_line([*base[:4], str(tmp_path / "afile"), *STEPS, "--manifest", str(table)], 2)
+    monkeypatch.setenv("WORLD_SIZE", "0")
+    assert "WORLD_SIZE=0" in one_line([*base, "--manifest", str(table)], 1)

@@ -207,10 +207,18 @@ def _fd_frames(gen: list[np.ndarray], ref: list[np.ndarray], metric: str) -> dic
     return entry
 
 
+KAD_FEW_FILES = 100  # below this, a KAD value gets a note on its noise (identical 5-file sets gave -16)
+
+
 def _kad(ref: np.ndarray, gen: np.ndarray, metric: str) -> dict[str, Any]:
     result = M.kernel_audio_distance(ref, gen, metric=metric)
-    return {"value": result.value, "bandwidth": result.bandwidth, "bandwidth_source": result.bandwidth_source,
-            "kernel": "gaussian", "scale": M.KAD_SCALE, "estimator": "unbiased MMD^2"}
+    entry = {"value": result.value, "bandwidth": result.bandwidth, "bandwidth_source": result.bandwidth_source,
+             "kernel": "gaussian", "scale": M.KAD_SCALE, "estimator": "unbiased MMD^2"}
+    if min(len(ref), len(gen)) < KAD_FEW_FILES:
+        entry["note"] = (f"{min(len(ref), len(gen))} files per set: the unbiased estimate's sampling noise is of "
+                         "the order of real differences (it can be negative); compare KAD only between sets of "
+                         f"equal size, {KAD_FEW_FILES} files or more")
+    return entry
 
 
 def _kl(ref: np.ndarray, gen: np.ndarray, metric: str, keys: list[str], idx: list[int], report: Report,

@@ -35,6 +35,9 @@ import torchaudio.functional as AF
 from training.benchmark_plan import PLACEMENTS
 from training.benchmark_read import AUDIO_SUFFIXES, BenchmarkError, BenchmarkItem, read_benchmark
 
+# audio that av-benchmark would not read either: listed as a problem, never skipped silently
+OTHER_AUDIO_SUFFIXES = (".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".aif", ".aiff", ".wma")
+
 
 class EvaluationError(ValueError):
     """A bad input to ``selva evaluate``: the first line says what, the following lines list every
@@ -72,17 +75,21 @@ def read_metadata(path: Path) -> dict[str, dict[str, str]]:
     """``file_name,label`` table -> {file stem: row}. ``file_name`` may carry an extension (the
     released metadata names the mp4). A duplicated stem or a missing column is an error."""
     with open(path, newline="", encoding="utf-8-sig") as fh:  # a spreadsheet export may start with a BOM
-        reader = csv.DictReader(fh)
-        missing = {"file_name", "label"} - set(reader.fieldnames or ())
+        first = fh.readline()
+        fh.seek(0)
+        reader = csv.DictReader(fh, delimiter="\t" if "\t" in first else ",")  # a clip table is often TSV
+        fields = set(reader.fieldnames or ())
+        name_column = "file_name" if "file_name" in fields else "id"  # a clip table's id names its outputs
+        missing = {name_column, "label"} - fields
         if missing:
-            raise EvaluationError(f"{path}: metadata needs the columns file_name,label; "
-                                  f"missing {', '.join(sorted(missing))}")
+            raise EvaluationError(f"{path}: metadata needs the columns file_name (or id) and label; "
+                                  f"missing {', '.join(sorted(missing))} (columns: {', '.join(sorted(fields))})")
         rows: dict[str, dict[str, str]] = {}
         dupes = []
         for line, row in enumerate(reader, start=2):
-            stem = Path(row["file_name"].strip()).stem
+            stem = Path((row[name_column] or "").strip()).stem
             if stem in rows:
-                dupes.append(f"  {path}:{line}: {row['file_name']} repeats an earlier row")
+                dupes.append(f"  {path}:{line}: {row[name_column]} repeats an earlier row")
             rows[stem] = {k: (v or "").strip() for k, v in row.items() if k}
     if dupes:
         raise EvaluationError("\n".join([f"{path}: {len(dupes)} duplicated file_name(s):", *dupes]))
@@ -97,6 +104,9 @@ def _audio_files(folder: Path, problems: list[str], seen: list[Path]) -> dict[st
         problems.append(f"  {folder}: no such folder")
         return found
     for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix.lower() in OTHER_AUDIO_SUFFIXES:
+            problems.append(f"  {path}: {path.suffix} is not read (av-benchmark reads .flac and .wav): convert it")
+            continue
         if path.suffix.lower() not in AUDIO_SUFFIXES or not path.is_file():
             continue
         seen.append(path)
@@ -142,6 +152,10 @@ def pair_files(generated: str | os.PathLike, reference: str | os.PathLike, metad
         layout, placement_known = "flat", False
         meta = read_metadata(Path(metadata)) if metadata else {}
         refs, gens = _audio_files(ref_root, problems, seen), _audio_files(gen_root, problems, seen)
+        for root in (ref_root, gen_root):  # a flat layout pairs top-level files: audio deeper would be dropped
+            problems += [f"  {d}: audio in a subfolder (a flat layout pairs only the files directly in {root})"
+                         for d in sorted(root.iterdir()) if d.is_dir() and any(
+                             p.suffix.lower() in AUDIO_SUFFIXES + OTHER_AUDIO_SUFFIXES for p in d.rglob("*"))]
         video_root = Path(videos) if videos else None
         items = _pair(refs, gens, "", problems, meta, None,
                       lambda stem: _existing(video_root / f"{stem}.mp4") if video_root else None)

@@ -163,6 +163,8 @@ def _checked(model: GenerationModel, request: GenerationRequest) -> tuple[str, s
         negative = check_prompt(negative, "--negative-prompt")
     duration = float(request.duration if request.duration is not None else model.preset.duration)
     check_duration(duration)
+    if not (np.isfinite(request.start) and request.start >= 0):
+        raise GenerationError(f"--start {request.start:g}: the span's start must be a number of seconds >= 0")
     if request.steps < 1 or not np.isfinite(request.cfg):
         raise GenerationError(f"--steps must be >= 1 and --cfg finite (got {request.steps}, {request.cfg})")
     return prompt, negative, duration
@@ -203,12 +205,22 @@ def generate_batch(model: GenerationModel, requests: list[GenerationRequest]) ->
             for w, c in zip(waves, clips, strict=True)]
 
 
-def default_name(video: str | os.PathLike, prompt: str) -> str:
-    """``<video id>-<prompt slug>-<6 hex of the prompt>``: two prompts for one video never collide, even
-    when their slugs do (case, punctuation, length)."""
+def default_name(video: str | os.PathLike, prompt: str, start: float = 0.0, duration: float | None = None) -> str:
+    """``<video id>-<prompt slug>-<6 hex>``, the hex of the prompt and, when not the default (start 0, the
+    preset's length), the span: two prompts or two spans of one video never collide, even when their
+    slugs do (case, punctuation, length)."""
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:SLUG_CHARS].rstrip("-") or "prompt"
-    digest = hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:6]
+    key = prompt if (start == 0 and duration is None) else f"{prompt}\0{float(start)!r}\0{duration!r}"
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:6]
     return f"{Path(video).stem}-{slug}-{digest}"
+
+
+def check_name(name: str) -> str:
+    """An output file stem: no folder parts (it must stay inside --out), not empty, no leading dot."""
+    if not name or name != Path(name).name or name.startswith(".") or "\\" in name:
+        raise GenerationError(f"--name {name!r}: give a file stem without folders or a leading dot (outputs go "
+                              "to --out)")
+    return name
 
 
 def audio_for_files(audio: np.ndarray) -> tuple[np.ndarray, int]:

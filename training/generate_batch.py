@@ -14,6 +14,7 @@ the outputs do not depend on the number of ranks, the batch an item lands in or 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -25,7 +26,8 @@ from training.generate import (
     GenerationError,
     GenerationModel,
     GenerationRequest,
-    default_name,
+    check_duration,
+    check_name,
     generate_batch,
     item_seed,
     write_outputs,
@@ -56,19 +58,59 @@ class BatchReport:
     rejected_rows: list[str] = field(default_factory=list)  # table rows that became no item
 
     def table(self) -> str:
-        lines = [f"generated {self.generated}, already done {self.done_before}, failed {sum(self.failed.values())}"]
+        lines = [f"generated {self.generated}, already done {self.done_before}, failed {sum(self.failed.values())}"
+                 + (f", rejected rows {len(self.rejected_rows)}" if self.rejected_rows else "")]
         lines += [f"  {kind}: {n}" for kind, n in sorted(self.failed.items())]
         return "\n".join(lines)
 
 
+SETTINGS_FILE = "generate.json"  # the settings a folder's outputs were made with
+REJECTED_FILE = "rejected-rows.json"  # under failures/: the table rows that became no item, rewritten per run
+
+
+def check_settings(out: str | os.PathLike, settings: dict) -> None:
+    """Record ``settings`` (checkpoint, steps, cfg, seed, ...) in ``OUT/generate.json``, or refuse a
+    folder whose outputs were made with others: a rerun skips finished items, so mixing settings in
+    one folder would go unnoticed. Raises GenerationError naming what changed."""
+    out = Path(out)
+    path = out / SETTINGS_FILE
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = [f"{key} {before.get(key)!r} -> {value!r}" for key, value in settings.items()
+                   if before.get(key) != value]  # fmt: skip
+        if changed:
+            raise GenerationError(f"{out}: its outputs were made with other settings ({'; '.join(changed)}); a "
+                                  "rerun keeps finished items, so use a new --out or the same settings")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # ranks may race here: same content, atomic rename
+    tmp.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def record_rejected_rows(out: str | os.PathLike, lines: list[str]) -> None:
+    """``OUT/failures/rejected-rows.json``: every table row of this run that became no item, with why."""
+    path = Path(out) / "failures" / REJECTED_FILE
+    if not lines:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"rejected_rows": lines}, indent=1) + "\n")
+    tmp.replace(path)
+
+
 def items_from_table(
-    path: str | os.PathLike, media_root: str | os.PathLike | None = None
+    path: str | os.PathLike, media_root: str | os.PathLike | None = None, text_column: str | None = None
 ) -> tuple[list[BatchItem], list[str]]:
-    """Items of a clip table and one line per row that cannot become one. ``path`` defaults to
-    ``<id>.mp4`` beside the table (``media_root`` if given), as precompute resolves it."""
+    """Items of a clip table and one line per row that cannot become one. Each item's outputs are named
+    by its ``id`` (so they pair with references named by id: ``selva evaluate``); a repeated id is a
+    rejected row. ``path`` defaults to ``<id>.mp4`` beside the table (``media_root`` if given), as
+    precompute resolves it; ``start`` (>= 0) and ``duration`` (generation's rule) are checked here, so
+    a bad cell rejects its row, not the run."""
     from preprocessing.input_table import read_input_table
 
-    table = read_input_table(path)
+    table = read_input_table(path, text_column=text_column)
     root = Path(media_root) if media_root is not None else Path(path).parent
     items, rejected, seen = [], [], {}
     for row in table.rows:
@@ -82,19 +124,23 @@ def items_from_table(
         try:
             start = float(values.get("start") or 0.0)
             duration = float(values["duration"]) if values.get("duration") not in (None, "") else None
-        except ValueError as err:
-            rejected.append(f"{where} id={ident!r}: start/duration is not a number ({err})")
+            if not (math.isfinite(start) and start >= 0):
+                raise ValueError(f"start {start:g} is not a number of seconds >= 0")
+            if duration is not None:
+                check_duration(duration)
+            check_name(ident)
+        except (ValueError, GenerationError) as err:
+            rejected.append(f"{where} id={ident!r}: {err}")
             continue
+        if ident in seen:
+            rejected.append(f"{where} id={ident!r}: the id of row {seen[ident]} again (outputs are named by id: "
+                            "give each video and prompt its own id)")
+            continue
+        seen[ident] = row.row
         video = Path(str(values.get("path") or f"{ident}.mp4"))
         video = video if video.is_absolute() else root / video
-        negative = values.get("negative")
-        name = default_name(ident, prompt)
-        if name in seen:
-            rejected.append(f"{where} id={ident!r}: the same video and prompt as row {seen[name]} (one output)")
-            continue
-        seen[name] = row.row
-        items.append(BatchItem(name, "", video, prompt, str(negative).strip() or None if negative else None,
-                               start, duration))
+        negative = str(values.get("negative") or "").strip() or None
+        items.append(BatchItem(ident, "", video, prompt, negative, start, duration))
     return items, rejected
 
 
@@ -165,7 +211,7 @@ def run_items(
     for batch in _batches(todo, batch_size):
         try:
             attempt(batch)
-        except (GenerationError, Rejected, OSError) as err:
+        except Exception as err:  # noqa: BLE001 - one item's failure, whatever it is, must not end a 15k-item run
             if len(batch) == 1:
                 kind = err.reason.value if isinstance(err, Rejected) else type(err).__name__
                 message = str(err).splitlines()[0] if str(err) else type(err).__name__

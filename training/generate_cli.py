@@ -38,6 +38,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     many = p.add_argument_group("a list")
     many.add_argument("--manifest", type=Path, help="a clip table (id, label/caption/text, optional path, start, "
                       "duration, negative) or a benchmark folder (selva benchmark build)")
+    many.add_argument("--text-column", help="the prompt column when the table has several (caption, label, text)")
     many.add_argument("--batch-size", type=int, default=8, help="clips per sampler call (default 8)")
     many.add_argument("--ray-workers", type=int, default=0,
                       help="split the list over N Ray workers (RAY_ADDRESS: that cluster; else a local Ray) "
@@ -55,7 +56,15 @@ def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     from preprocessing.errors import Rejected
-    from training.generate import GenerationError, GenerationRequest, default_name, generate, load_model, write_outputs
+    from training.generate import (
+        GenerationError,
+        GenerationRequest,
+        check_name,
+        default_name,
+        generate,
+        load_model,
+        write_outputs,
+    )
 
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per text tower is noise here
     if (args.manifest is None) == (args.video is None):
@@ -63,6 +72,23 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.video is not None and args.prompt is None:
         print("error: --video needs --prompt TEXT (the sound to generate)", file=sys.stderr)
+        return 2
+    if args.out.exists() and not args.out.is_dir():
+        print(f"error: --out {args.out} is a file; give a folder (it is created if missing)", file=sys.stderr)
+        return 2
+    if args.manifest is not None:
+        single = [flag for flag, value in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt),
+                                           ("--name", args.name), ("--start", args.start or None),
+                                           ("--duration", args.duration)) if value is not None]
+        if single:  # silently ignoring them would generate something else than asked
+            print(f"error: {', '.join(single)} belong to one --video; with --manifest each row gives its own "
+                  "(columns label/caption/text, negative, start, duration; outputs are named by id)", file=sys.stderr)
+            return 2
+    try:
+        if args.name is not None:
+            check_name(args.name)
+    except GenerationError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     import torch
 
@@ -74,13 +100,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.manifest is not None:
         return _run_manifest(args, model)
+    name = default_name(args.video, " ".join(args.prompt.split()), args.start, args.duration)
     request = GenerationRequest(args.video, args.prompt, args.negative_prompt, args.start, args.duration, args.steps,
                                 args.cfg, args.seed)
     started = time.perf_counter()
     try:
         result = generate(model, request)
-        name = args.name or default_name(args.video, " ".join(args.prompt.split()))
-        written = write_outputs(result, request, args.out, name)
+        written = write_outputs(result, request, args.out, args.name or name)
     except (GenerationError, Rejected) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -95,15 +121,25 @@ def run(args: argparse.Namespace) -> int:
 def _run_manifest(args: argparse.Namespace, model: Any) -> int:
     from tqdm import tqdm
 
-    from training.generate_batch import items_from_benchmark, items_from_table, run_items
+    from training.generate_batch import (
+        check_settings,
+        items_from_benchmark,
+        items_from_table,
+        record_rejected_rows,
+        run_items,
+    )
 
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world = _rank_and_world()
     if args.manifest.is_dir():
         items, rejected = items_from_benchmark(args.manifest), []
     else:
-        items, rejected = items_from_table(args.manifest)
-    for line in rejected if rank == 0 else []:
-        print(f"skipped: {line}", file=sys.stderr)
+        items, rejected = items_from_table(args.manifest, text_column=args.text_column)
+    check_settings(args.out, {"checkpoint": str(args.checkpoint.resolve()), "steps": args.steps, "cfg": args.cfg,
+                              "seed": args.seed, "weights": str(args.weights.resolve()) if args.weights else None})
+    if rank == 0:  # every rank reads the same table: one of them records and prints its rejected rows
+        record_rejected_rows(args.out, rejected)
+        for line in rejected:
+            print(f"rejected: {line}", file=sys.stderr)
     if args.ray_workers > 0:
         from pipelines.generate_ray import run_on_ray
 
@@ -114,13 +150,27 @@ def _run_manifest(args: argparse.Namespace, model: Any) -> int:
             print(f"failed: {line}", file=sys.stderr)
         failed = sum(merged["failed"].values())
         print(f"{args.ray_workers} Ray workers: generated {merged['generated']}, already done "
-              f"{merged['done_before']}, failed {failed}")
-        return 1 if failed else 0
+              f"{merged['done_before']}, failed {failed}" + (f", rejected rows {len(rejected)}" if rejected else ""))
+        return 1 if failed or rejected else 0
     share = len(items[rank::world])
     with tqdm(total=share, desc=f"generate rank {rank}/{world}", unit="clip", disable=None) as bar:
         report = run_items(model, items, args.out, steps=args.steps, cfg=args.cfg, seed=args.seed,
                            batch_size=max(1, args.batch_size), rank=rank, world_size=world, on_item=bar.update)
+    report.rejected_rows = rejected
     for line in report.failures:
         print(f"failed: {line}", file=sys.stderr)
     print(f"rank {rank}/{world}: {report.table()}" if world > 1 else report.table())
-    return 1 if report.failed else 0
+    return 1 if report.failed or rejected else 0
+
+
+def _rank_and_world() -> tuple[int, int]:
+    """``RANK``/``WORLD_SIZE`` as torchrun sets them; GenerationError when they make no split."""
+    from training.generate import GenerationError
+
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError as err:
+        raise GenerationError(f"RANK/WORLD_SIZE must be integers ({err})") from None
+    if world < 1 or not 0 <= rank < world:
+        raise GenerationError(f"RANK={rank} WORLD_SIZE={world}: need WORLD_SIZE >= 1 and 0 <= RANK < WORLD_SIZE")
+    return rank, world

@@ -25,14 +25,21 @@ killed run leaves no half file and a rerun rewrites the same bytes (bit-exact en
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from pipelines.train_world import WorldClip, WorldSpec, source_id, world_clip, world_clip_prompt
 from preprocessing.mux import encode_av_mp4
 from preprocessing.shards import atomic_target, write_json_atomic
 from selva.presets import get_preset
+
+
+class SynthError(ValueError):
+    """Impossible options, or an output folder that is not this world's."""
+
 
 TABLE_COLUMNS = ("id", "label", "path", "split", "kind", "pitch_hz", "onsets")
 
@@ -84,21 +91,21 @@ def _write_clips(folder: Path, indices: range, splits: dict[int, str], spec: Wor
 
 def write_synth(out: str | Path, options: SynthOptions = SynthOptions(), spec: WorldSpec | None = None) -> dict:
     """Write the world's clips, tables and test benchmark under ``out`` (module doc); returns a summary
-    ``{"clips": n, "test_clips": n, "composites": n}``. Raises ``ValueError`` for impossible options
+    ``{"clips": n, "test_clips": n, "composites": n}``. Raises ``SynthError`` for impossible options
     or a folder written with other options."""
     from training.benchmark_build import BuildOptions, build_benchmark
 
     if options.clips < 2 or options.test_clips < 2 or not 0 < options.val_fraction < 1:
-        raise ValueError(f"need clips >= 2, test_clips >= 2 and 0 < val_fraction < 1; got {options}")
+        raise SynthError(f"need clips >= 2, test_clips >= 2 and 0 < val_fraction < 1; got {options}")
     spec = replace(spec or WorldSpec(), seed=options.seed, preset=options.preset)
     out = Path(out)
     record = {"options": asdict(options), "spec": asdict(spec)}
     marker = out / "synth.json"
     if marker.is_file():
         if json.loads(marker.read_text())["options"] != record["options"]:
-            raise ValueError(f"{out}: written with other options ({marker}); synth into a new folder")
+            raise SynthError(f"{out}: written with other options ({marker}); synth into a new folder")
     elif out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out}: exists, is not empty and holds no synth.json: not writing into it")
+        raise SynthError(f"{out}: exists, is not empty and holds no synth.json: not writing into it")
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(marker, {**record, "status": "writing"})
 
@@ -118,3 +125,33 @@ def write_synth(out: str | Path, options: SynthOptions = SynthOptions(), spec: W
                "composites": sum(built.items.values())}  # fmt: skip
     write_json_atomic(marker, {**record, "status": "complete", **summary})
     return summary
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "synth", help="write the synthetic world's clips (mp4 + table) and its composite test set",
+        description="Single-source clips of K=4 object kinds (colour + tone) that flash and sound at random "
+        "times, as mp4 files with a clip table (id, label, path, split, kind, pitch_hz, onsets), plus held-out "
+        "clips and their composites in the benchmark layout (test/benchmark). The input of the synthetic "
+        "proof (docs/benchmarks.md); selva precompute reads DIR/clips.tsv like any clip table.",
+    )
+    p.add_argument("--out", required=True, type=Path, help="output folder (new, or one written with the same options)")
+    p.add_argument("--clips", type=int, default=SynthOptions.clips,
+                   help=f"training clips (default {SynthOptions.clips})")
+    p.add_argument("--test-clips", type=int, default=SynthOptions.test_clips,
+                   help=f"held-out clips for the composites (default {SynthOptions.test_clips})")
+    p.add_argument("--partners", type=int, default=SynthOptions.partners,
+                   help="partners per held-out clip (each pair: both objects asked, both placements)")
+    p.add_argument("--seed", type=int, default=0, help="the world's seed (clips are a function of seed and index)")
+    p.add_argument("--preset", default=SynthOptions.preset, help="model preset: clip length and frame size")
+    p.set_defaults(func=_run)
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    options = SynthOptions(clips=args.clips, test_clips=args.test_clips, partners=args.partners, seed=args.seed,
+                           preset=args.preset)
+    summary = write_synth(args.out, options)
+    print(f"{args.out}: {summary['clips']} clips (clips.tsv), {summary['test_clips']} held-out clips, "
+          f"{summary['composites']} composites (test/benchmark)")
+    return 0

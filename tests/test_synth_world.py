@@ -93,3 +93,19 @@ def test_the_scorer_gives_ground_truth_its_known_answers(world, tmp_path):
         (tmp_path / item.subset / f"{item.name}.flac").write_bytes(encode_flac(np.zeros(2 * RATE), RATE))
     silent = score_folder(tmp_path, bench, table)
     assert silent["sync"] == 0.0 and silent["distractor_sync"] == 0.0 and silent["items"] == len(items)
+
+
+def test_cli_reruns_to_the_same_bytes_and_refuses_other_options(tmp_path, capsys):
+    from selva_cli.main import main
+
+    args = ["synth", "--out", str(tmp_path / "w"), "--clips", "4", "--test-clips", "2", "--seed", "3"]
+    assert main(args) == 0
+    files = {p: p.read_bytes() for p in (tmp_path / "w").rglob("*") if p.is_file() and p.name != "synth.json"}
+    assert len([p for p in files if p.suffix == ".mp4"]) == 4 + 2 + 4  # clips, held-out clips, composites
+    assert main(args) == 0  # a rerun (as after a kill) writes the same bytes
+    assert {p: p.read_bytes() for p in files} == files
+    capsys.readouterr()
+    assert main([*args[:-1], "4"]) == 1
+    out = tmp_path / "w"
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {out}: written with other options ({out / 'synth.json'}); synth into a new folder"]

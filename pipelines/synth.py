@@ -1,7 +1,7 @@
 """Synthetic dataset folders in the real shard format, for loader tests, benchmarks and dry runs.
 
-This is where the ``selva synth`` verb will live (next to ``selva demo``): writing a dataset folder is a
-pipeline's job, not the loader's.
+Writing a dataset folder is a pipeline's job, not the loader's. (``selva synth``, the synthetic world as
+media files for the end-to-end proof, is ``pipelines.synth_world``.)
 
 Writes ``dataset.json``, ``manifest.parquet``, shards, failures tables and markers with the real
 writer (``preprocessing.shard_writer.write_shard``), so everything the loader reads is exactly what

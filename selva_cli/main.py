@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optional(subparsers, "training.benchmark_cli")
     _add_optional(subparsers, "training.evaluate_cli")
     _add_presets(subparsers)
+    _add_optional(subparsers, "pipelines.synth_world")
     _add_optional(subparsers, "pipelines.demo")
     return parser
 
@@ -74,6 +75,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     """Errors that describe a bad input or set-up (each names the input): one line, no traceback.
     Anything else is a bug of ours and keeps its traceback."""
     from pipelines.precompute import PrecomputeError
+    from pipelines.synth_world import SynthError
     from preprocessing.input_table import ManifestError
     from preprocessing.shards import ShardError
     from selva.checkpoint import CheckpointError
@@ -88,7 +90,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     return (
         PrecomputeError, ManifestError, ShardError, CheckpointError, ReferenceFormatError, InputError,
         MissingWeightsError, BenchmarkError, EvaluationError, EmbedderUnavailable, FileNotFoundError,
-        IsADirectoryError, NotADirectoryError, PermissionError, GenerationError,
+        IsADirectoryError, NotADirectoryError, PermissionError, GenerationError, SynthError,
     )  # fmt: skip
 
 

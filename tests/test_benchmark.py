@@ -226,6 +226,11 @@ def test_partner_rules_without_categories_and_seeded_draws():
     assert len(draws) > 1
     items = plan_items(clips, seed=0, partners=1)
     assert [i.placement for i in items] == ["left", "right"] * 5
+    # reciprocal: every drawn pair also the other way round, each once
+    both = plan_items(clips, seed=0, partners=1, reciprocal=True)
+    pairs = {(i.target.id, i.partner.id) for i in both}
+    assert pairs == {(t, p) for t, p in pairs} | {(p, t) for t, p in pairs} and len(both) == 2 * len(pairs)
+    assert {(i.target.id, i.partner.id) for i in items} <= pairs
 
 
 def test_cli_builds_and_refuses_a_foreign_folder(table, tmp_path, capsys):

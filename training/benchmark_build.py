@@ -63,6 +63,7 @@ class BuildOptions:
     frame_size: int = 224  # each half of a composite is frame_size x frame_size
     media_root: str | None = None  # where relative paths resolve; default: the table's folder
     text_column: str | None = None
+    reciprocal: bool = False  # every composite asked for each of its two objects (benchmark_plan.plan_items)
 
 
 @dataclass(frozen=True)
@@ -245,7 +246,7 @@ def build_benchmark(
             continue
         usable.append(clip)
     rejected.sort(key=lambda r: r.row)
-    items = plan_items(usable, seed=options.seed, partners=options.partners)
+    items = plan_items(usable, seed=options.seed, partners=options.partners, reciprocal=options.reciprocal)
     planned = {out / i.subset / folder / f"{i.name}{ext}" for i in items
                for folder, ext in (("mixed", ".mp4"), ("target_audio", ".flac"))}  # fmt: skip
     _prepare_out(out, planned)

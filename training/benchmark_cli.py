@@ -34,6 +34,8 @@ def add_parser(subparsers: Any) -> None:
                        help="pixels per side of each half (even; default 224, the sync encoder's input)")
     build.add_argument("--media-root", help="where relative paths resolve (default: the table's folder)")
     build.add_argument("--text-column", help="the prompt column when the table has several")
+    build.add_argument("--reciprocal", action="store_true",
+                       help="ask every composite for each of its two objects (a drawn pair A-B also gives B-A)")
     build.set_defaults(func=_run_build)
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
@@ -43,7 +45,7 @@ def _run_build(args: argparse.Namespace) -> int:
 
     options = BuildOptions(
         duration=args.duration, seed=args.seed, partners=args.partners, frame_size=args.frame_size,
-        media_root=args.media_root, text_column=args.text_column,
+        media_root=args.media_root, text_column=args.text_column, reciprocal=args.reciprocal,
     )  # fmt: skip
     result = build_benchmark(args.clips, args.out, options)
     total = sum(result.items.values())

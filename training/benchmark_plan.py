@@ -118,11 +118,21 @@ def choose_partners(
     return pairs
 
 
-def plan_items(clips: Sequence[BenchClip], *, seed: int, partners: int = DEFAULT_PARTNERS) -> list[PlannedItem]:
-    """Every composite of both subsets: per pair, the target left, then the target right."""
-    return [
-        PlannedItem(subset, target, partner, placement)
-        for subset in SUBSETS
-        for target, partner in choose_partners(clips, subset, seed=seed, partners=partners)
-        for placement in PLACEMENTS
-    ]
+def plan_items(clips: Sequence[BenchClip], *, seed: int, partners: int = DEFAULT_PARTNERS,
+               reciprocal: bool = False) -> list[PlannedItem]:
+    """Every composite of both subsets: per pair, the target left, then the target right.
+
+    ``reciprocal``: each drawn pair (A, B) also brings (B, A) when it was not drawn, so every composite
+    picture is asked for each of its two objects (A left of B is item A-B-left and item B-A-right);
+    the synthetic proof scores a composite against both objects' events this way."""
+    items: list[PlannedItem] = []
+    for subset in SUBSETS:
+        pairs = choose_partners(clips, subset, seed=seed, partners=partners)
+        if reciprocal:
+            drawn = {(t.id, p.id) for t, p in pairs}
+            for target, partner in list(pairs):
+                if (partner.id, target.id) not in drawn:
+                    drawn.add((partner.id, target.id))
+                    pairs.append((partner, target))
+        items += [PlannedItem(subset, t, p, placement) for t, p in pairs for placement in PLACEMENTS]
+    return items

@@ -169,7 +169,10 @@ def test_mlflow_on_a_server_that_never_answers_costs_the_job_its_exit_deadline(c
     assert "nothing to do" in out and "Traceback" not in err
     (line,) = [line for line in err.splitlines() if "MLflow" in line]
     assert line.startswith(f"warning: MLflow tracking at {uri}: ") and "values not sent" in line
-    assert "still pending at the 10 s deadline" in line and line.endswith("the dataset is not affected")
+    # which bound ends the wait is a race on a loaded machine: the request's 5 s HTTP timeout (its one retry
+    # not started before the deadline) or the 10 s close deadline; either way the line says which, and why
+    reasons = ("still pending at the 10 s deadline", "no answer within 5 s (MLFLOW_HTTP_REQUEST_TIMEOUT)")
+    assert any(reason in line for reason in reasons) and line.endswith("the dataset is not affected")
 
 
 def test_sigkill_then_rerun_equals_a_clean_run(clean_run, inputs, tmp_path, capsys):

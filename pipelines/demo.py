@@ -1,88 +1,116 @@
-"""``selva demo``: the embedded default end to end, with no downloads.
+"""``selva demo`` (what ``make demo`` runs): the main job from clips to scored audio, on the embedded
+default, with no downloads.
 
-Today it runs the data half for real and the model half untrained:
-1. precompute the two real VGGSound clips into shards (local Ray, embedded encoders, tiny preset);
-2. read one sample back from its shard, mix it with the other clip (self-augmentation), encode the
-   video with TextSynch and sample audio latents with the generator (25 Euler steps, CFG 4.5);
-3. decode the latents with the embedded codec and write ``demo.wav`` next to the sample's own
-   audio round trip (``reference.wav``).
+1. **The synthetic proof, short version** (``selva benchmark synth --quick``): a world of flashing,
+   sounding squares as mp4 files -> ``selva precompute`` (local Ray) -> ``selva train`` (pretrain, then
+   SELVA's two stages and the two ablations, one seed, few steps) -> ``selva generate --manifest`` on
+   held-out composites -> the score table (sync, distractor sync, selectivities). The full comparison
+   (three seeds, more steps) is the same command without ``--quick`` (docs/benchmarks.md).
+2. **The two real VGGSound clips**, when ``../shared/data/real`` is beside the checkout (or ``--input``
+   names a clip table): precompute -> a few training steps -> generate each clip's sound from its label.
+   A user who cloned the project alone has no such folder; the demo then says so and skips this part.
+3. Where everything is: shards, the MLflow store and its ``mlflow ui`` command, the generated files,
+   the table.
 
-The model weights are random until the training issue lands, so ``demo.wav`` is noise-like; the
-point is that every stage runs. Training and evaluation join this demo as they are built. The stages
-are library functions (``pipelines.precompute``, ``pipelines.shard_generation``); this verb parses
-its arguments, calls them and reports.
+Rerunning with the same ``--out`` resumes: finished steps are skipped.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipelines.synth_benchmark import SynthBenchmarkConfig
 
 DEFAULT_INPUT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "real" / "videos.tsv"
+REAL_TRAIN_STEPS = 20
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "demo", help="run the embedded-default demo end to end (no downloads)",
+        "demo", help="run the main job end to end on the embedded default (no downloads)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--input", default=str(DEFAULT_INPUT), help="clip table (default: the two real clips)")
+    p.add_argument("--input", default=str(DEFAULT_INPUT),
+                   help="clip table of real clips (default: the two real clips in ../shared, if there)")
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out/)")
-    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
     return p
 
 
-def run(args: argparse.Namespace) -> int:
+def real_clips(table: Path, out: Path, uri: str, config: SynthBenchmarkConfig, log: Any = print) -> list[Path]:
+    """Precompute ``table``'s clips, train ``REAL_TRAIN_STEPS`` pretrain steps on them, generate each clip's
+    sound from its own label; returns the generated flac files."""
     from pipelines.precompute import PrecomputeConfig, run_precompute
-    from pipelines.shard_generation import (
-        decode_audio,
-        generate_for_sample,
-        mixed_frames,
-        sample_reference_audio,
-        untrained_models,
-        write_wav,
-    )
-    from preprocessing.compact import decode_flac
-    from preprocessing.shard_reader import iter_dataset
-    from selva.mixing import MixConfig
+    from pipelines.synth_benchmark import run_logged, train_command
+    from preprocessing.shards import read_dataset_info
+    from training.generate import load_model
+    from training.generate_batch import check_settings, items_from_table, run_items
 
-    if not Path(args.input).is_file():
-        # a bare clone: the demo's clips live in ../shared until the demo makes its own (synthetic) world
-        print(f"error: the demo needs the clip table {args.input} (the two real VGGSound clips in "
-              f"../shared/data/real beside this checkout); pass --input TABLE to use your own clips", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    dataset = out / "dataset"
+    dataset, run = out / "dataset", out / "run"
+    report = run_precompute(PrecomputeConfig(input=str(table), out=str(dataset), workers=2, progress=False))
+    samples = sum(split.get("ok", 0) for split in read_dataset_info(dataset).samples.values())  # this run's and before
+    log(f"  precompute: {samples} clips in shards, {report.failed} failed this run -> {dataset}")
+    if samples == 0:
+        return []
+    if not (run / "final" / "export.json").is_file():
+        settings = replace(config, batch_size=min(config.batch_size, samples))
+        run_logged(train_command(settings, dataset, run, "pretrain", REAL_TRAIN_STEPS, 0, uri, "real-clips"),
+                   run, "training on the real clips", settings.threads)
+    log(f"  trained {REAL_TRAIN_STEPS} steps (a few: the point is that every stage runs) -> {run / 'final'}")
+    items, rejected = items_from_table(table)
+    for line in rejected:
+        log(f"  rejected: {line}")
+    generated = out / "generated"
+    check_settings(generated, {"checkpoint": str((run / "final").resolve()), "steps": 10, "cfg": 4.5, "seed": 0,
+                               "weights": None})  # fmt: skip
+    report = run_items(load_model(run / "final"), items, generated, steps=10, seed=0)
+    for line in report.failures:
+        log(f"  failed: {line}")
+    return sorted(generated.rglob("*.flac"))
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines.synth_benchmark import QUICK
+
+    return run_demo(Path(args.out), Path(args.input), QUICK)
+
+
+def run_demo(out: Path, table: Path, config: SynthBenchmarkConfig) -> int:
+    """The demo with ``config`` as its synthetic benchmark (``QUICK`` from the command line; the tests give a
+    smaller one). Exit code 0, or 1 when real clips were given and none could be generated."""
+    from pipelines.synth_benchmark import SynthBenchmark
+    from pipelines.synth_report import markdown
+
     started = time.perf_counter()
-    print(f"[1/3] precompute {args.input} -> {dataset}")
-    report = run_precompute(PrecomputeConfig(input=args.input, out=str(dataset), workers=2, progress=False))
-    print(report.table())
+    print(f"[1/3] the synthetic proof, short version: selva benchmark synth --quick --out {out / 'synth'}")
+    bench = SynthBenchmark(out / "synth", config, log=lambda line: print(f"  {line}", flush=True))
+    results = bench.run()
 
-    print("[2/3] read the shard back, mix, encode, sample")
-    samples = list(iter_dataset(dataset))
-    if not samples:
-        print("no samples were written; see the failures above")
-        return 1
-    models = untrained_models("tiny", args.seed)
-    batch = mixed_frames(samples, MixConfig(prob=1.0, seed=args.seed))
-    target, sample = 0, samples[0]
-    generated = generate_for_sample(models, batch["video"][target : target + 1], sample)
-    info = batch["mix"]
-    print(f"  target {sample.meta.source_id!r} ({sample.meta.text!r}); mixed={bool(info.mixed[target])}, "
-          f"lambda={float(info.lam[target]):.2f}, target on the {'left' if info.target_left[target] else 'right'}")
-    shapes = [tuple(x.shape[1:]) for x in (batch["video"], generated.sync, generated.latent)]
-    print(f"  video {shapes[0]} -> sync {shapes[1]} -> latents {shapes[2]}")
+    generated: list[Path] = []
+    if table.is_file():
+        print(f"[2/3] the real clips of {table}: precompute -> train {REAL_TRAIN_STEPS} steps -> generate")
+        generated = real_clips(table, out / "real", bench.tracking_uri, config,
+                               log=lambda line: print(line, flush=True))
+    else:
+        print(f"[2/3] skipped: no real clips at {table} (clone with ../shared beside the checkout, or pass "
+              "--input TABLE with your own clips)")
 
-    print("[3/3] decode audio")
-    rate = models.encoders.codec.sampling_rate
-    write_wav(out / "demo.wav", decode_audio(models, generated.latent), rate)
-    write_wav(out / "reference.wav", sample_reference_audio(models, sample), rate)
-    audio, _ = decode_flac(sample.audio_flac)
-    print(f"  wrote {out / 'demo.wav'} (untrained model) and {out / 'reference.wav'} "
-          f"(the clip's own latent through the codec; stored audio {len(audio) / rate:.2f} s)")
-    print(f"done in {time.perf_counter() - started:.1f} s")
-    return 0
+    print("[3/3] where everything is")
+    synth = out / "synth"
+    print(f"  clips and test set:   {synth / 'world'}")
+    print(f"  shards:               {synth / 'dataset' / 'shards'}" + (
+        f", {out / 'real' / 'dataset' / 'shards'}" if generated else ""))
+    print(f"  exports:              {synth / 'runs'}/*/final")
+    print(f"  generated audio:      {synth / 'generated'}" + (f", {out / 'real' / 'generated'}" if generated else ""))
+    print(f"  MLflow store:         {synth / 'mlflow.db'}   (mlflow ui --backend-store-uri {bench.tracking_uri})")
+    print(f"  score table:          {synth / 'results.md'}")
+    print()
+    print(markdown(results), end="")
+    print(f"done in {time.perf_counter() - started:.0f} s")
+    return 0 if not table.is_file() or generated else 1
+

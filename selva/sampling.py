@@ -61,16 +61,19 @@ def generate_latents(
     steps: int = 25,
     cfg_strength: float = 4.5,
     negative_text: torch.Tensor | None = None,
+    text_in_encoder: bool = True,
 ) -> Generated:
     """Both SELVA stages at inference: TextSynch on the video, then :func:`sample_latents`.
 
     ``video`` (B, T, 3, H, W) in [-1, 1]; ``t5`` (B, L, Dt5) with its bool mask (B, L); ``clip_text``
     (B, 77, Dclip); ``noise`` (B, N, latent_dim) is the starting point, drawn by the caller so that
     its random stream is the caller's choice. ``negative_text`` (1 or B, 77, Dclip): CLIP text features
-    of a negative prompt for the unconditional branch (:func:`sample_latents`). Runs without autograd.
+    of a negative prompt for the unconditional branch (:func:`sample_latents`). ``text_in_encoder``
+    False: the video features without text (``TextSynch.encode_video_without_text``; ``t5`` unused), for a
+    generator trained on them (MMAudio-style). Runs without autograd.
     """
     with torch.inference_mode():
-        sync = textsynch(video, t5, t5_mask)
+        sync = textsynch(video, t5, t5_mask) if text_in_encoder else textsynch.encode_video_without_text(video)
         latent = sample_latents(generator, noise, sync, clip_text, steps=steps, cfg_strength=cfg_strength,
                                 negative_text=negative_text)
         return Generated(sync, generator.unnormalize(latent))

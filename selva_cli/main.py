@@ -75,6 +75,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     """Errors that describe a bad input or set-up (each names the input): one line, no traceback.
     Anything else is a bug of ours and keeps its traceback."""
     from pipelines.precompute import PrecomputeError
+    from pipelines.synth_benchmark import SynthBenchmarkError
     from pipelines.synth_world import SynthError
     from preprocessing.input_table import ManifestError
     from preprocessing.shards import ShardError
@@ -90,7 +91,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     return (
         PrecomputeError, ManifestError, ShardError, CheckpointError, ReferenceFormatError, InputError,
         MissingWeightsError, BenchmarkError, EvaluationError, EmbedderUnavailable, FileNotFoundError,
-        IsADirectoryError, NotADirectoryError, PermissionError, GenerationError, SynthError,
+        IsADirectoryError, NotADirectoryError, PermissionError, GenerationError, SynthError, SynthBenchmarkError,
     )  # fmt: skip
 
 

@@ -331,3 +331,55 @@ def test_rows_and_options_that_cannot_run_are_named_and_recorded(tiny_export, tm
     assert "is a file" in one_line([*base[:4], str(tmp_path / "afile"), *STEPS, "--manifest", str(table)], 2)
     monkeypatch.setenv("WORLD_SIZE", "0")
     assert "WORLD_SIZE=0" in one_line([*base, "--manifest", str(table)], 1)
+
+
+def test_an_export_is_generated_with_the_video_features_it_was_trained_on(model, tmp_path):
+    """A ``pretrain`` export and the ``text_in_encoder: false`` ablation trained their generator on the
+    backbone's text-free features; SELVA's stages on TextSynch's text-conditioned ones. Generation must
+    feed each what it trained on (for a pretrain export, the cross blocks and [SUP] tokens are untrained)."""
+    import copy
+    import dataclasses
+
+    import torch
+
+    from selva.sampling import generate_latents
+    from training.generate import GenerationError, trained_with_text_in_encoder
+
+    rules = {"stage: pretrain\n": False, "stage: generator\ntext_in_encoder: false\n": False,
+             "stage: generator\ntext_in_encoder: true\n": True, "stage: encoder\n": True}
+    for text, expected in rules.items():
+        (tmp_path / "config.yaml").write_text(text)
+        assert trained_with_text_in_encoder(tmp_path / "config.yaml") is expected, text
+    assert trained_with_text_in_encoder(tmp_path / "absent.yaml") is True
+    (tmp_path / "config.yaml").write_text("- a list\n")
+    with pytest.raises(GenerationError, match="config.yaml: not a training config"):
+        trained_with_text_in_encoder(tmp_path / "config.yaml")
+
+    assert model.text_in_encoder is False  # the session's tiny export is a pretrain job (configs/train/tiny.yaml)
+    # a pretrain export's TextSynch is untrained, and its zero-initialised cross blocks pass the backbone's
+    # features through unchanged (both paths agree); perturbed copies make the two paths differ
+    ts, gen = copy.deepcopy(model.textsynch), copy.deepcopy(model.generator)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in (*ts.parameters(), *gen.parameters()):
+            p.add_(0.05 * torch.randn_like(p))
+    video = torch.rand(1, 50, 3, 64, 64) * 2 - 1
+    t5 = model.encoders.t5.encode(["red square beeping"])
+    clip_text = model.encoders.clip.encode(["red square beeping"]).tokens
+    noise = torch.randn(1, gen.seq.latent_seq_len, model.preset.generator.latent_dim)
+    args = (ts, gen, video, t5.tokens, t5.mask, clip_text, noise)
+    plain = generate_latents(*args, steps=2, text_in_encoder=False)
+    with_text = generate_latents(*args, steps=2)
+    with torch.inference_mode():
+        assert torch.equal(plain.sync, ts.encode_video_without_text(video))
+        assert torch.equal(with_text.sync, ts(video, t5.tokens, t5.mask))
+    assert not torch.equal(plain.latent, with_text.latent)
+
+    # the model's flag reaches the sampler: the same request through a model flagged otherwise differs
+    perturbed = dataclasses.replace(model, textsynch=ts, generator=gen)
+    request = GenerationRequest(write_colour_clip(tmp_path / "red.mp4", (230, 40, 40), 400.0, seconds=2.0),
+                                "red square beeping", steps=2, seed=3)
+    as_trained = generate(perturbed, request).audio
+    assert np.array_equal(generate(perturbed, request).audio, as_trained)
+    other = generate(dataclasses.replace(perturbed, text_in_encoder=True), request).audio
+    assert not np.array_equal(other, as_trained)

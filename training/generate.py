@@ -53,6 +53,9 @@ class GenerationModel:
     generator: Generator
     source: Path
     kind: str  # "export" (ours) or "official" (a release weights folder)
+    # the video features the generator was trained on: TextSynch's text-conditioned ones (SELVA), or the
+    # backbone's own without text (a ``pretrain`` export or the ``text_in_encoder: false`` ablation, MMAudio-style)
+    text_in_encoder: bool = True
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,28 @@ def load_model(checkpoint: str | os.PathLike, *, weights: str | os.PathLike | No
     except ExportPathError as err:
         raise GenerationError(str(err)) from err
     encoders = build_encoders(family, preset, weights_dir, device)
-    return GenerationModel(preset, encoders, textsynch.to(device).eval(), generator.to(device).eval(), path, kind)
+    text_in_encoder = kind == "official" or trained_with_text_in_encoder(path / "config.yaml")
+    return GenerationModel(preset, encoders, textsynch.to(device).eval(), generator.to(device).eval(), path, kind,
+                           text_in_encoder)
+
+
+def trained_with_text_in_encoder(config_file: Path) -> bool:
+    """Whether an export's generator was trained on text-conditioned video features: the job's resolved
+    config (``final/config.yaml``) says so unless its stage was ``pretrain`` (text never enters the video
+    encoder there) or it set ``text_in_encoder: false`` (the MMAudio-style ablation). Generating such an
+    export through TextSynch's cross blocks would feed it features it never saw (untrained [SUP] tokens and
+    cross attention for a pretrain export). A missing config file means the default (True)."""
+    import yaml
+
+    if not config_file.is_file():
+        return True
+    try:
+        config = yaml.safe_load(config_file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise GenerationError(f"{config_file}: not readable YAML ({err})") from err
+    if not isinstance(config, dict):
+        raise GenerationError(f"{config_file}: not a training config (a mapping)")
+    return config.get("stage") != "pretrain" and bool(config.get("text_in_encoder", True))
 
 
 def check_duration(duration: float) -> int:
@@ -197,7 +221,8 @@ def generate_batch(model: GenerationModel, requests: list[GenerationRequest]) ->
         noise = torch.cat([initial_noise(model, seq, r.seed) for r in requests])
         video = torch.cat([video_tensor(c) for c in clips])
         result = generate_latents(model.textsynch, model.generator, video, t5.tokens, t5.mask, clip_text, noise,
-                                  steps=steps, cfg_strength=cfg, negative_text=negative_text)
+                                  steps=steps, cfg_strength=cfg, negative_text=negative_text,
+                                  text_in_encoder=model.text_in_encoder)
         waves = model.encoders.codec.decode(result.latent).float().numpy()
     rate = model.encoders.codec.sampling_rate
     samples = round(duration * rate)

@@ -62,6 +62,9 @@ def real_clips(table: Path, out: Path, uri: str, config: SynthBenchmarkConfig, l
         run_logged(train_command(settings, dataset, run, "pretrain", REAL_TRAIN_STEPS, 0, uri, "real-clips"),
                    run, "training on the real clips", settings.threads)
     log(f"  trained {REAL_TRAIN_STEPS} steps (a few: the point is that every stage runs) -> {run / 'final'}")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per text tower is noise in the demo's output
     items, rejected = items_from_table(table)
     for line in rejected:
         log(f"  rejected: {line}")

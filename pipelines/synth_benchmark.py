@@ -194,6 +194,7 @@ class SynthBenchmark:
 
     def generate(self, export: Path, out: Path) -> None:
         import torch
+        from transformers.utils import logging as hf_logging
 
         from training.generate import load_model
         from training.generate_batch import check_settings, items_from_benchmark, run_items
@@ -203,6 +204,7 @@ class SynthBenchmark:
         if all((out / i.folder / f"{i.name}.flac").is_file() for i in items):
             return
         torch.set_num_threads(c.threads)
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar per text tower is noise in the table's log
         check_settings(out, {"checkpoint": str(export.resolve()), "steps": c.sampling_steps, "cfg": c.cfg,
                              "seed": 0, "weights": None})  # fmt: skip
         report = run_items(load_model(export), items, out, steps=c.sampling_steps, cfg=c.cfg, seed=0,

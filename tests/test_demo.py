@@ -113,3 +113,10 @@ def test_a_rerun_resumes_and_other_options_are_refused(demo, capsys):
         SynthBenchmark(bench, replace(MINI, seeds=(1,))).run()
     with pytest.raises(SynthBenchmarkError, match="unknown variants"):
         SynthBenchmark(bench, replace(MINI, variants=("selva", "mmaudio")))
+    # the command line: the same refusal as one line, before any work
+    from selva_cli.main import main
+
+    capsys.readouterr()
+    assert main(["benchmark", "synth", "--out", str(bench), "--quick"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {bench}: made with other options")

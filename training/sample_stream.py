@@ -21,17 +21,15 @@ cannot be saved and replayed):
 
 from __future__ import annotations
 
-import io
 import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import av
 import numpy as np
 import torch
 
-from preprocessing.compact import decode_sync_mp4
+from preprocessing.compact import decode_sync_mp4, rgb_frames
 from preprocessing.sample import VARIABLE_LENGTH_FIELDS
 from preprocessing.shard_reader import decode_sample
 from preprocessing.shards import ShardError
@@ -141,12 +139,11 @@ def decode_frames(data: bytes, out: np.ndarray | None = None) -> np.ndarray:
     if out is None:
         return decode_sync_mp4(data)
     count = 0
-    with av.open(io.BytesIO(data), mode="r") as container:
-        for frame in container.decode(container.streams.video[0]):
-            if count == len(out) or (frame.height, frame.width) != out.shape[1:3]:
-                raise ValueError(f"sync.mp4 frames differ from the batch's {out.shape[:3]} (frame {count})")
-            out[count] = frame.to_ndarray(format="rgb24")
-            count += 1
+    for rgb in rgb_frames(data):
+        if count == len(out) or rgb.shape != out.shape[1:]:
+            raise ValueError(f"sync.mp4 frames differ from the batch's {out.shape[:3]} (frame {count})")
+        out[count] = rgb
+        count += 1
     if count != len(out):
         raise ValueError(f"sync.mp4 has {count} frames, the batch's clips have {len(out)}")
     return out

@@ -20,7 +20,8 @@ Output::
 
 Clip ``i`` is a function of ``(seed, i)`` only; training clips are ``0 .. clips-1``, held-out clips
 the next ``test_clips``. Every file is written to a temporary name and renamed, the tables last, so a
-killed run leaves no half file and a rerun rewrites the same bytes (bit-exact encoders).
+killed run leaves no half file and a rerun rewrites the same bytes (bit-exact encoders). A rerun of a
+complete run whose files are all there (``synth.json`` lists them with their sizes) writes nothing.
 """
 
 from __future__ import annotations
@@ -102,8 +103,11 @@ def write_synth(out: str | Path, options: SynthOptions = SynthOptions(), spec: W
     record = {"options": asdict(options), "spec": asdict(spec)}
     marker = out / "synth.json"
     if marker.is_file():
-        if json.loads(marker.read_text())["options"] != record["options"]:
+        before = json.loads(marker.read_text())
+        if before["options"] != record["options"]:
             raise SynthError(f"{out}: written with other options ({marker}); synth into a new folder")
+        if before.get("status") == "complete" and _intact(out, before.get("files", {})):
+            return {k: before[k] for k in ("clips", "test_clips", "composites")}  # nothing to redo
     elif out.exists() and any(out.iterdir()):
         raise SynthError(f"{out}: exists, is not empty and holds no synth.json: not writing into it")
     out.mkdir(parents=True, exist_ok=True)
@@ -123,8 +127,17 @@ def write_synth(out: str | Path, options: SynthOptions = SynthOptions(), spec: W
         raise RuntimeError(f"benchmark build rejected synthetic clips: {built.rejected[0]}")
     summary = {"clips": options.clips, "test_clips": options.test_clips,
                "composites": sum(built.items.values())}  # fmt: skip
-    write_json_atomic(marker, {**record, "status": "complete", **summary})
+    files = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*"))
+             if p.is_file() and p != marker}  # fmt: skip
+    write_json_atomic(marker, {**record, "status": "complete", **summary, "files": files})
     return summary
+
+
+def _intact(out: Path, files: dict[str, int]) -> bool:
+    """Every file a complete run wrote is there with its size (a rerun then has nothing to do; else it
+    rewrites everything, which gives the same bytes)."""
+    return bool(files) and all((out / name).is_file() and (out / name).stat().st_size == size
+                               for name, size in files.items())
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

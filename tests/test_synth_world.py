@@ -102,7 +102,17 @@ def test_cli_reruns_to_the_same_bytes_and_refuses_other_options(tmp_path, capsys
     assert main(args) == 0
     files = {p: p.read_bytes() for p in (tmp_path / "w").rglob("*") if p.is_file() and p.name != "synth.json"}
     assert len([p for p in files if p.suffix == ".mp4"]) == 4 + 2 + 4  # clips, held-out clips, composites
-    assert main(args) == 0  # a rerun (as after a kill) writes the same bytes
+    written = {p: p.stat().st_mtime_ns for p in files}
+    assert main(args) == 0  # a rerun of a complete run writes nothing
+    assert {p: p.stat().st_mtime_ns for p in files} == written
+    # a killed run leaves status "writing" (and maybe files missing): the rerun writes the same bytes
+    marker = tmp_path / "w" / "synth.json"
+    marker.write_text(marker.read_text().replace('"complete"', '"writing"'))
+    next(p for p in files if p.suffix == ".mp4").unlink()
+    assert main(args) == 0
+    assert {p: p.read_bytes() for p in files} == files
+    next(p for p in files if p.suffix == ".mp4").unlink()  # a complete run with a file gone is redone too
+    assert main(args) == 0
     assert {p: p.read_bytes() for p in files} == files
     capsys.readouterr()
     assert main([*args[:-1], "4"]) == 1

@@ -158,12 +158,16 @@ class SynthBenchmark:
 
     def precompute(self) -> None:
         from pipelines.precompute import PrecomputeConfig, run_precompute
+        from preprocessing.shards import read_dataset_info
 
         # one shard per 16 clips: a few shards to run in parallel, and few enough to start quickly
         report = run_precompute(PrecomputeConfig(input=str(self.world / "clips.tsv"), out=str(self.dataset),
                                                  workers=2, samples_per_shard=16, seed=self.config.world.seed,
                                                  max_failed_fraction=0.0, progress=False))  # fmt: skip
-        self.log(f"precompute: {report.ok} clips into shards, {report.failed} failed -> {self.dataset}")
+        # the dataset's counts, not this run's: a rerun that had nothing to do wrote no clip
+        held = sum(split.get("ok", 0) for split in read_dataset_info(self.dataset).samples.values())
+        self.log(f"precompute: {held} clips in shards ({report.ok} this run), {report.failed} failed this run "
+                 f"-> {self.dataset}")
 
     def train(self, out: Path, stage: str, steps: int, seed: int, inits: tuple[str, ...],
               overrides: tuple[str, ...], run_name: str) -> Path:

@@ -46,14 +46,13 @@ def real_clips(table: Path, out: Path, uri: str, config: SynthBenchmarkConfig, l
     """Precompute ``table``'s clips, train ``REAL_TRAIN_STEPS`` pretrain steps on them, generate each clip's
     sound from its own label; returns the generated flac files."""
     from pipelines.precompute import PrecomputeConfig, run_precompute
-    from pipelines.synth_benchmark import run_logged, train_command
+    from pipelines.synth_benchmark import generate_into, run_logged, train_command
     from preprocessing.shards import read_dataset_info
-    from training.generate import load_model
-    from training.generate_batch import check_settings, items_from_table, run_items
+    from training.generate_batch import items_from_table
 
     dataset, run = out / "dataset", out / "run"
     report = run_precompute(PrecomputeConfig(input=str(table), out=str(dataset), workers=2, progress=False))
-    samples = sum(split.get("ok", 0) for split in read_dataset_info(dataset).samples.values())  # this run's and before
+    samples = read_dataset_info(dataset).ok_samples  # this run's and before
     log(f"  precompute: {samples} clips in shards, {report.failed} failed this run -> {dataset}")
     if samples == 0:
         return []
@@ -62,16 +61,11 @@ def real_clips(table: Path, out: Path, uri: str, config: SynthBenchmarkConfig, l
         run_logged(train_command(settings, dataset, run, "pretrain", REAL_TRAIN_STEPS, 0, uri, "real-clips"),
                    run, "training on the real clips", settings.threads)
     log(f"  trained {REAL_TRAIN_STEPS} steps (a few: the point is that every stage runs) -> {run / 'final'}")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # a "Loading weights" bar per text tower is noise in the demo's output
     items, rejected = items_from_table(table)
     for line in rejected:
         log(f"  rejected: {line}")
     generated = out / "generated"
-    check_settings(generated, {"checkpoint": str((run / "final").resolve()), "steps": 10, "cfg": 4.5, "seed": 0,
-                               "weights": None})  # fmt: skip
-    report = run_items(load_model(run / "final"), items, generated, steps=10, seed=0)
+    report = generate_into(run / "final", items, generated, steps=10, cfg=4.5, threads=config.threads)
     for line in report.failures:
         log(f"  failed: {line}")
     return sorted(generated.rglob("*.flac"))

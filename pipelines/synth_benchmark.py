@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from pipelines.synth_world import SynthOptions, write_synth
 from preprocessing.shards import write_json_atomic
@@ -118,6 +119,22 @@ def train_command(c: SynthBenchmarkConfig, dataset: Path, out: Path, stage: str,
             "experiment=selva-synth", f"run_name={run_name}", *overrides, *c.extra]  # fmt: skip
 
 
+def generate_into(export: Path, items: list, out: Path, *, steps: int, cfg: float, batch_size: int = 8,
+                  threads: int = 2) -> Any:
+    """``selva generate --manifest``'s library path for ``items`` with ``export`` into ``out`` (seed 0): the
+    settings recorded (a rerun with others is refused), finished items skipped. Returns the BatchReport."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from training.generate import load_model
+    from training.generate_batch import check_settings, run_items
+
+    torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per text tower is noise in these logs
+    check_settings(out, {"checkpoint": str(export.resolve()), "steps": steps, "cfg": cfg, "seed": 0, "weights": None})
+    return run_items(load_model(export), items, out, steps=steps, cfg=cfg, seed=0, batch_size=batch_size)
+
+
 class SynthBenchmark:
     """The comparison in ``out`` (module doc); ``run()`` does what is missing and returns the results."""
 
@@ -165,7 +182,7 @@ class SynthBenchmark:
                                                  workers=2, samples_per_shard=16, seed=self.config.world.seed,
                                                  max_failed_fraction=0.0, progress=False))  # fmt: skip
         # the dataset's counts, not this run's: a rerun that had nothing to do wrote no clip
-        held = sum(split.get("ok", 0) for split in read_dataset_info(self.dataset).samples.values())
+        held = read_dataset_info(self.dataset).ok_samples
         self.log(f"precompute: {held} clips in shards ({report.ok} this run), {report.failed} failed this run "
                  f"-> {self.dataset}")
 
@@ -197,22 +214,14 @@ class SynthBenchmark:
         return final
 
     def generate(self, export: Path, out: Path) -> None:
-        import torch
-        from transformers.utils import logging as hf_logging
-
-        from training.generate import load_model
-        from training.generate_batch import check_settings, items_from_benchmark, run_items
+        from training.generate_batch import items_from_benchmark
 
         c = self.config
         items = items_from_benchmark(self.world / "test" / "benchmark")
         if all((out / i.folder / f"{i.name}.flac").is_file() for i in items):
-            return
-        torch.set_num_threads(c.threads)
-        hf_logging.disable_progress_bar()  # a "Loading weights" bar per text tower is noise in the table's log
-        check_settings(out, {"checkpoint": str(export.resolve()), "steps": c.sampling_steps, "cfg": c.cfg,
-                             "seed": 0, "weights": None})  # fmt: skip
-        report = run_items(load_model(export), items, out, steps=c.sampling_steps, cfg=c.cfg, seed=0,
-                           batch_size=c.generate_batch)
+            return  # skip loading the model: nothing to generate
+        report = generate_into(export, items, out, steps=c.sampling_steps, cfg=c.cfg, batch_size=c.generate_batch,
+                               threads=c.threads)
         if report.failed:
             raise SynthBenchmarkError(f"generation into {out} failed for {sum(report.failed.values())} items: "
                                       f"{report.failures[0]}")

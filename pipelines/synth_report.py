@@ -8,7 +8,6 @@ distractor sync); its temporal selectivity at least 0.3 above the ``no_text_in_e
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +110,3 @@ def write_results(out: Path, results: dict, tracking_uri: str | None) -> None:
     if tracking_uri:
         log_variant_runs(results, tracking_uri)
 
-
-def read_results(out: Path) -> dict:
-    return json.loads((out / "results.json").read_text())

@@ -172,6 +172,11 @@ class DatasetInfo:
     prompt_store: dict[str, Any] = field(default_factory=dict)  # {folder, prompts, chunks}
     format_version: int = FORMAT_VERSION
 
+    @property
+    def ok_samples(self) -> int:
+        """Samples in done shards, over every split."""
+        return sum(split.get("ok", 0) for split in self.samples.values())
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -1,6 +1,9 @@
 """Turn one shard's manifest rows into a written shard: decode, run the frozen encoders, write.
 
-This is the unit of work of the precompute job, free of Ray so that it runs (and is tested and
+The decode half (CPU: FFmpeg, ``sync.mp4`` and FLAC) is ``pipelines.shard_decode``; this module holds
+the encoders and writes. :meth:`ShardProcessor.process` runs both halves in one process (the
+one-stage design); the two-stage design (``pipelines.ray_two_stage``) decodes in CPU tasks and calls
+:meth:`ShardProcessor.write` on an encoder actor. Free of Ray, so that it runs (and is tested and
 benchmarked) in a plain process too. A :class:`ShardProcessor` loads the frozen encoders once. Text
 features come from the dataset's prompt store (``preprocessing.prompt_store``), which the job fills
 before the shards run (:meth:`ShardProcessor.store_prompts`), so each distinct prompt is encoded once
@@ -16,6 +19,8 @@ recording it per clip would hide a real fault.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -25,11 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from preprocessing.compact import encode_flac, encode_sync_mp4
-from preprocessing.errors import Rejected, RejectReason
-from preprocessing.faults import DEFAULT_RETRY_DELAYS, FaultClass, TransientFault, classify, describe
-from preprocessing.manifest import ManifestRow, check_row, resolve_media_path
-from preprocessing.media import DecodedClip, decode_clip
+from pipelines.shard_decode import ClipDecoder, CompactClip, DecodedShard, DecodeSettings, compact
+from preprocessing.faults import DEFAULT_RETRY_DELAYS
+from preprocessing.manifest import ManifestRow
+from preprocessing.media import DecodedClip
 from preprocessing.media_probe import IO_TIMEOUT_S
 from preprocessing.prompt_store import EmptyPrompt, PromptFeatures, PromptStore, write_chunk, write_empty_prompt
 from preprocessing.sample import Sample, SampleMeta
@@ -56,6 +60,9 @@ class WorkerSettings:
     retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS  # back-off before each retry of a storage fault
     io_timeout_s: float = IO_TIMEOUT_S  # a URL read waiting longer is a storage fault (a silent server)
 
+    def decode_settings(self) -> DecodeSettings:
+        return DecodeSettings(self.preset, self.decode_threads, tuple(self.retry_delays), self.io_timeout_s)
+
 
 @dataclass
 class ShardResult:
@@ -67,6 +74,10 @@ class ShardResult:
     reused: int = 0  # samples carried over from an earlier attempt (--retry-failed)
     retries: int = 0  # clip reads retried after a storage or network fault (none of them a failure)
     prompts_encoded: int = 0  # prompts the worker had to encode itself (not in the store): 0 in a full job
+    encode_batches: list[int] = field(default_factory=list)  # clips per codec batch, in order
+    encoder: str = ""  # host:pid of the process whose encoders wrote the shard
+    decoder: str = ""  # host:pid of the process that decoded it
+    decode_span: tuple[float, float] = (0.0, 0.0)  # wall-clock start and end of the decode (epoch s)
 
 
 class ShardProcessor:
@@ -86,45 +97,8 @@ class ShardProcessor:
         # a caption dataset with millions of distinct prompts cannot grow the cache without bound.
         self._text_cache: OrderedDict[str, PromptFeatures] = OrderedDict()
         self._store: PromptStore | None = None
+        self.decoder = ClipDecoder(settings.decode_settings())
         self.prompts_encoded = 0  # encoder calls per prompt, over the processor's lifetime
-
-    # -- per clip ---------------------------------------------------------------------------------
-    def _decode(self, row: ManifestRow, media_root: str | None) -> DecodedClip:
-        problem = check_row(row, media_root)
-        if problem is not None:
-            raise problem
-        path = resolve_media_path(row.path, media_root)
-        return decode_clip(
-            path, start=row.start, duration=row.duration, frame_size=self.preset.frame_size,
-            threads=self.settings.decode_threads,
-            io_timeout_s=self.settings.io_timeout_s,
-        )
-
-    def _decode_retrying(self, row: ManifestRow, media_root: str | None, result: ShardResult) -> DecodedClip:
-        """``_decode``, with storage faults retried after each of ``settings.retry_delays``; then
-        :class:`TransientFault`. Data errors raise :class:`Rejected`; bugs propagate."""
-        delays = self.settings.retry_delays
-        for attempt in range(len(delays) + 1):
-            try:
-                return self._decode(row, media_root)
-            except Rejected:
-                raise
-            except Exception as err:  # noqa: BLE001 - classified below; nothing is swallowed
-                kind = classify(err)
-                where = f"{resolve_media_path(row.path, media_root)} ({row.source_id}, input row {row.row})"
-                if kind is FaultClass.DATA:  # an FFmpeg error that escaped decode_clip's own checks
-                    raise Rejected(RejectReason.UNDECODABLE, f"{where}: {describe(err)}") from None
-                if kind is FaultClass.MISSING:
-                    raise Rejected(RejectReason.MISSING_FILE, f"{where}: {describe(err)}") from None
-                if kind is not FaultClass.TRANSIENT:
-                    raise
-                if attempt == len(delays):
-                    raise TransientFault(
-                        f"{where}: storage or network fault in {attempt + 1} attempts: {describe(err)}"
-                    ) from err
-                result.retries += 1
-                time.sleep(delays[attempt])
-        raise AssertionError("unreachable")
 
     def encode_prompt(self, text: str) -> PromptFeatures:
         """One prompt's features as a shard stores them: T5 real tokens (L, D) float16 and mask (L,),
@@ -186,35 +160,77 @@ class ShardProcessor:
         return self._store
 
     @torch.inference_mode()
-    def _latents(self, clips: Sequence[DecodedClip]) -> list[tuple[np.ndarray, np.ndarray]]:
-        out = []
-        for i in range(0, len(clips), self.settings.batch_size):
-            wave = torch.from_numpy(np.stack([c.audio for c in clips[i : i + self.settings.batch_size]]))
+    def _latents(self, audio: Sequence[np.ndarray]) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[int]]:
+        """Codec posteriors (mean, std) of each waveform, and the batch sizes used. Batches are consecutive
+        runs of ``batch_size`` clips in the order given (a shard's decoded clips in manifest order): which
+        clips share a batch is fixed by the manifest, never by scheduling."""
+        out, batches = [], []
+        for i in range(0, len(audio), self.settings.batch_size):
+            wave = torch.from_numpy(np.stack(audio[i : i + self.settings.batch_size]))
             mean, std = self.encoders.codec.encode(wave.to(self.device))
             out.extend(zip(mean.float().cpu().numpy(), std.float().cpu().numpy(), strict=True))
-        return out
+            batches.append(wave.shape[0])
+        return out, batches
 
     # -- per shard --------------------------------------------------------------------------------
-    def encode_clips(
-        self, dataset_dir: str | Path, shard: str, decoded: Sequence[tuple[ManifestRow, DecodedClip]]
-    ) -> dict[str, Sample]:
-        """The samples of ``shard``'s decoded clips, by key: latents from the codec, prompt features
-        from the dataset's store (else encoded here), frames and audio compacted as a shard stores them.
-
-        Public so that a clip made in memory (``pipelines.train_world``) becomes a sample exactly as a
-        decoded file does."""
-        text_features = self._text_features([row.text for row, _ in decoded], self._prompt_store(dataset_dir))
-        latents = self._latents([clip for _, clip in decoded])
+    def samples(
+        self, dataset_dir: str | Path, shard: str, clips: Sequence[CompactClip]
+    ) -> tuple[dict[str, Sample], list[int]]:
+        """The samples of ``shard``'s compacted clips, by key (latents from the codec, prompt features
+        from the dataset's store, else encoded here), and the codec's batch sizes."""
+        text_features = self._text_features([c.row.text for c in clips], self._prompt_store(dataset_dir))
+        latents, batches = self._latents([c.audio for c in clips])
         samples = {}
-        for (row, clip), (mean, std) in zip(decoded, latents, strict=True):
+        for c, (mean, std) in zip(clips, latents, strict=True):
+            row = c.row
             t5, t5_mask, clip_text = text_features[row.text]
             samples[row.key] = Sample(
                 meta=SampleMeta(row.key, row.source_id, row.text, row.start, row.duration, row.split, shard),
-                sync_mp4=encode_sync_mp4(clip.frames, fps=clip.fps),
-                audio_flac=encode_flac(clip.audio, clip.sample_rate),
+                sync_mp4=c.sync_mp4,
+                audio_flac=c.audio_flac,
                 arrays={"latent_mean": mean, "latent_std": std, "t5": t5, "t5_mask": t5_mask, "clip_text": clip_text},
             )
-        return samples
+        return samples, batches
+
+    def encode_clips(
+        self, dataset_dir: str | Path, shard: str, decoded: Sequence[tuple[ManifestRow, DecodedClip]]
+    ) -> dict[str, Sample]:
+        """The samples of ``shard``'s decoded clips, by key, as :meth:`write` stores them.
+
+        Public so that a clip made in memory (``pipelines.train_world``) becomes a sample exactly as a
+        decoded file does."""
+        return self.samples(dataset_dir, shard, [compact(row, clip) for row, clip in decoded])[0]
+
+    def write(
+        self, dataset_dir: str | Path, rows: Sequence[ManifestRow], decoded: DecodedShard,
+        reuse: dict[str, Sample] | None = None,
+    ) -> ShardResult:
+        """Encode ``decoded`` (the CPU half's result for these ``rows``) and write the shard with its
+        failures and marker. ``reuse`` maps keys to samples kept from an earlier attempt."""
+        reuse = reuse or {}
+        result = ShardResult(decoded.shard, retries=decoded.retries, decoder=decoded.where,
+                             decode_span=(decoded.started, decoded.ended))  # fmt: skip
+        start = time.perf_counter()
+        encoded_before = self.prompts_encoded
+        fresh, result.encode_batches = self.samples(dataset_dir, decoded.shard, decoded.clips)
+        samples = {**reuse, **fresh}
+        timings = {"decode": decoded.seconds, "encode": time.perf_counter() - start}
+
+        failed = decoded.rejections()
+        with ShardWriter(dataset_dir, decoded.shard, rows, max_failed_fraction=self.settings.max_failed_fraction) as w:
+            for row in rows:  # manifest order
+                if row.key in failed:
+                    w.reject_error(row.key, failed[row.key])
+                else:
+                    w.add(samples[row.key])
+            marker = w.finish(timings)
+        result.ok, result.failed = marker.num_ok, marker.num_failed
+        result.failures_by_reason = dict(marker.failures_by_reason)
+        result.timings = dict(marker.timings)
+        result.reused = len(reuse)
+        result.prompts_encoded = self.prompts_encoded - encoded_before
+        result.encoder = f"{socket.gethostname()}:{os.getpid()}"
+        return result
 
     def process(
         self,
@@ -226,52 +242,11 @@ class ShardProcessor:
         crashed: Mapping[str, int] | None = None,
         before_clip: Callable[[ManifestRow], None] | None = None,
     ) -> ShardResult:
-        """Decode, encode and write ``shard``. ``reuse`` maps keys to samples kept from an earlier
-        attempt (``--retry-failed`` re-attempts only the recorded failures). ``crashed`` maps keys of
-        clips that killed their worker to the number of crashes: they are recorded as
-        ``crashes_worker``, not decoded again. ``before_clip`` runs before each clip is decoded (the
-        Ray worker leaves a breadcrumb there, so that a crash can be blamed on its clip)."""
+        """Decode, encode and write ``shard`` in this process (the one-stage design). ``reuse`` maps keys
+        to samples kept from an earlier attempt (``--retry-failed`` re-attempts only the recorded
+        failures). ``crashed`` maps keys of clips that killed their worker to the number of crashes:
+        they are recorded as ``crashes_worker``, not decoded again. ``before_clip`` runs before each clip
+        is decoded (the Ray worker leaves a breadcrumb there, so that a crash can be blamed on its clip)."""
         reuse = reuse or {}
-        crashed = crashed or {}
-        timings = {"decode": 0.0, "encode": 0.0}
-        result = ShardResult(shard)
-        decoded: list[tuple[ManifestRow, DecodedClip]] = []
-        failures: list[tuple[str, Rejected]] = []
-        start = time.perf_counter()
-        for row in rows:
-            if row.key in reuse:
-                continue
-            if row.key in crashed:
-                message = (
-                    f"{resolve_media_path(row.path, media_root)} ({row.source_id}, input row {row.row}): "
-                    f"the worker decoding it died {crashed[row.key]} times (a crash or an out-of-memory kill)"
-                )
-                failures.append((row.key, Rejected(RejectReason.CRASHES_WORKER, message)))
-                continue
-            if before_clip is not None:
-                before_clip(row)
-            try:
-                decoded.append((row, self._decode_retrying(row, media_root, result)))
-            except Rejected as err:
-                failures.append((row.key, err))
-        timings["decode"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        encoded_before = self.prompts_encoded
-        samples = {**reuse, **self.encode_clips(dataset_dir, shard, decoded)}
-        timings["encode"] = time.perf_counter() - start
-
-        failed = dict(failures)
-        with ShardWriter(dataset_dir, shard, rows, max_failed_fraction=self.settings.max_failed_fraction) as writer:
-            for row in rows:  # manifest order
-                if row.key in failed:
-                    writer.reject_error(row.key, failed[row.key])
-                else:
-                    writer.add(samples[row.key])
-            marker = writer.finish(timings)
-        result.ok, result.failed = marker.num_ok, marker.num_failed
-        result.failures_by_reason = dict(marker.failures_by_reason)
-        result.timings = dict(marker.timings)
-        result.reused = len(reuse)
-        result.prompts_encoded = self.prompts_encoded - encoded_before
-        return result
+        decoded = self.decoder.decode_shard(shard, rows, media_root, frozenset(reuse), crashed, before_clip)
+        return self.write(dataset_dir, rows, decoded, reuse)

@@ -204,6 +204,7 @@ def resolved(cfg: PrecomputeConfig) -> PrecomputeConfig:
 
 
 def run_precompute(cfg: PrecomputeConfig) -> PrecomputeReport:
+    cfg.check()
     cfg = resolved(cfg)
     rows, info = prepare_dataset(cfg)
     # this run's --media-root wins over the one recorded at the manifest step (the media moved to
@@ -218,8 +219,14 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeReport:
             refresh_sample_counts(cfg.out)
         print(f"{cfg.out}: all {len(by_shard)} shards are done; nothing to do")
         return report
-    from pipelines.ray_runner import run_on_ray  # Ray is imported only when there is work
+    # Ray is imported only when there is work
+    if cfg.encoder_actors:
+        from pipelines.ray_two_stage import run_two_stage
 
-    run_on_ray(cfg, todo, by_shard, report, media_root)
+        run_two_stage(cfg, todo, by_shard, report, media_root)
+    else:
+        from pipelines.ray_runner import run_on_ray
+
+        run_on_ray(cfg, todo, by_shard, report, media_root)
     refresh_sample_counts(cfg.out)
     return report

@@ -24,10 +24,13 @@ TRACKING_DEADLINE_S = 10.0  # the most a finished job waits for its tracking at 
 DESCRIPTION = """\
 Decode every clip of an input table once, run the frozen encoders, and write WebDataset shards.
 
-On a laptop this starts a private local Ray with --workers CPUs. With RAY_ADDRESS set (or under
-`ray job submit`) the same command runs on a Ray cluster. Rerunning the same command resumes: only
-shards without a done-marker are written. Bad clips are recorded in failures/*.parquet with a
-reason and never stop the job; a shard whose failure share exceeds --max-failed-fraction does.
+On a laptop this starts a private local Ray with --workers CPUs (plus the encoder actors' with
+--encoder-actors). With RAY_ADDRESS set (or under `ray job submit`) the same command runs on a Ray
+cluster. Two designs: the one-stage pool (default: each worker decodes and encodes its shards)
+and, with --encoder-actors G, CPU decode tasks feeding G encoder actors (one per GPU;
+docs/cluster.md). Rerunning the same command resumes: only shards without a done-marker are
+written. Bad clips are recorded in failures/*.parquet with a reason and never stop the job; a
+shard whose failure share exceeds --max-failed-fraction does.
 """
 
 
@@ -44,9 +47,21 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="frozen encoder family (default embedded: no downloads)")
     p.add_argument("--weights", help="official weights folder (docs/weights.md); needed with --encoders official")
     p.add_argument("--samples-per-shard", dest="samples_per_shard", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2, help="Ray actors, one CPU each (default 2)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="one-stage: shard workers, one CPU each; with --encoder-actors: decode tasks at once "
+                        "(default 2)")
     p.add_argument("--gpus-per-worker", dest="gpus_per_worker", type=float, default=0.0,
-                   help="GPUs per actor on a GPU cluster, e.g. 1 or 0.5 (default 0: CPU)")
+                   help="one-stage: GPUs per worker, e.g. 1 or 0.5 (default 0: CPU)")
+    p.add_argument("--encoder-actors", dest="encoder_actors", type=int, default=0,
+                   help="two-stage design: this many encoder actors (one per GPU on a GPU node) fed by --workers "
+                        "CPU decode tasks; 0 (default): the one-stage pool (docs/cluster.md)")
+    p.add_argument("--gpus-per-encoder", dest="gpus_per_encoder", type=float, default=0.0,
+                   help="GPUs per encoder actor (default 0: CPU encoders)")
+    p.add_argument("--encoder-resource", dest="encoder_resource", default=None, metavar="NAME",
+                   help="a custom Ray resource each encoder actor takes one unit of (nodes that declare it host "
+                        "the encoders; a local Ray declares --encoder-actors units of it)")
+    p.add_argument("--encoder-cpus", dest="encoder_cpus", type=float, default=1.0,
+                   help="CPUs each encoder actor holds (default 1)")
     p.add_argument("--retry-failed", dest="retry_failed", action="store_true",
                    help="re-attempt only the clips recorded as failed, keeping every written sample")
     p.add_argument("--seed", type=int, default=0, help="seed of the shard assignment")

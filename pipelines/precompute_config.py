@@ -27,8 +27,14 @@ class PrecomputeConfig:
     encoders: str = "embedded"
     weights: str | None = None
     samples_per_shard: int = 64
-    workers: int = 2
-    gpus_per_worker: float = 0.0
+    workers: int = 2  # one-stage: shard workers (each decodes and encodes); two-stage: decode tasks at once
+    gpus_per_worker: float = 0.0  # one-stage only
+    # two-stage design (pipelines/ray_two_stage.py) when >= 1: this many encoder actors, each holding the
+    # encoders once (one per GPU on a GPU node), fed by `workers` CPU decode tasks; 0: the one-stage pool
+    encoder_actors: int = 0
+    gpus_per_encoder: float = 0.0
+    encoder_resource: str | None = None  # a custom Ray resource each encoder actor takes one unit of
+    encoder_cpus: float = 1.0  # CPUs an encoder actor holds (it feeds its GPU, or computes on CPU)
     retry_failed: bool = False
     seed: int = 0
     batch_size: int = 16
@@ -38,6 +44,23 @@ class PrecomputeConfig:
     retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS  # back-off of a clip read after a storage fault
     io_timeout_s: float = IO_TIMEOUT_S  # seconds a media URL may leave a read waiting (then: a storage fault)
     progress: bool = True
+
+    def check(self) -> None:
+        """PrecomputeError naming the first impossible setting."""
+        if self.workers < 1:
+            raise PrecomputeError(f"--workers must be at least 1, got {self.workers}")
+        if self.encoder_actors < 0:
+            raise PrecomputeError(f"--encoder-actors must be 0 (one-stage) or more, got {self.encoder_actors}")
+        if min(self.gpus_per_worker, self.gpus_per_encoder, self.encoder_cpus) < 0:
+            raise PrecomputeError("GPU and CPU shares must not be negative")
+        if self.encoder_actors == 0 and (self.gpus_per_encoder or self.encoder_resource):
+            raise PrecomputeError("--gpus-per-encoder and --encoder-resource need --encoder-actors N (the two-stage "
+                                  "design); the one-stage pool takes --gpus-per-worker")  # fmt: skip
+        if self.encoder_actors and self.gpus_per_worker:
+            raise PrecomputeError("--gpus-per-worker is for the one-stage pool; with --encoder-actors the encoders "
+                                  "hold the GPUs: use --gpus-per-encoder")  # fmt: skip
+        if self.batch_size < 1 or self.samples_per_shard < 1:
+            raise PrecomputeError("--batch-size and --samples-per-shard must be at least 1")
 
     def worker_settings(self, device: str = "cpu") -> WorkerSettings:
         return WorkerSettings(
@@ -64,6 +87,21 @@ class PrecomputeReport:
     prompts_encoded: int = 0  # distinct prompts encoded by the text stage this run
     prompts_stored_before: int = 0  # prompts of this run's shards found in the store
     prompts_encoded_by_workers: int = 0  # prompts shard workers encoded themselves (0 unless the store lacked them)
+    design: str = "one-stage"  # or "two-stage" (decode tasks feeding encoder actors)
+    encoder_builds: int = 0  # processes that built the frozen encoders (actors started, replacements included)
+    encode_batches: Counter = field(default_factory=Counter)  # codec batch size -> batches
+    decode_spans: list[tuple[float, float]] = field(default_factory=list)  # wall-clock (start, end) per shard
+    nodes: dict[str, set[str]] = field(default_factory=dict)  # "decode"/"encode" -> Ray node ids that ran them
+
+    @property
+    def max_decodes_at_once(self) -> int:
+        """The most shard decodes that overlapped in time (from their wall-clock spans)."""
+        events = sorted([(s, 1) for s, _ in self.decode_spans] + [(e, -1) for _, e in self.decode_spans])
+        running = best = 0
+        for _, step in events:  # an end sorts before a start at the same instant: touching is not overlapping
+            running += step
+            best = max(best, running)
+        return best
 
     def table(self) -> str:
         lines = [
@@ -102,6 +140,11 @@ def add_result(report: PrecomputeReport, result: ShardResult) -> None:
     report.read_retries += result.retries
     report.timings.update(result.timings)
     report.prompts_encoded_by_workers += result.prompts_encoded
+    report.encode_batches.update(result.encode_batches)
+    report.decode_spans.append(result.decode_span)
+    for stage, node in (("decode", result.decoder_node), ("encode", result.encoder_node)):
+        if node:
+            report.nodes.setdefault(stage, set()).add(node)
 
 
 def config_from_args(args) -> PrecomputeConfig:

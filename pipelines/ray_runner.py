@@ -15,6 +15,7 @@ Finished shards are never redone.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -29,6 +30,7 @@ from tqdm import tqdm
 
 from pipelines import crash_blame
 from pipelines.precompute_config import PrecomputeConfig, PrecomputeError, PrecomputeReport, add_result
+from pipelines.shard_decode import DecodedShard
 from pipelines.shard_processor import ShardProcessor, ShardResult, WorkerSettings
 from pipelines.text_stage import encode_prompts
 from preprocessing.faults import TransientFault
@@ -38,13 +40,23 @@ from preprocessing.shard_reader import iter_shard
 from preprocessing.shards import ShardError
 
 # driver environment that workers must see even when Ray was started earlier in the same process
-FORWARDED_ENV = ("SELVA_FAULT_EXIT_SHARD", "SELVA_FAULT_CRASH_CLIP")
+FORWARDED_ENV = ("SELVA_FAULT_EXIT_SHARD", "SELVA_FAULT_CRASH_CLIP", "SELVA_TEST_DECODE_RENDEZVOUS")
 TEXT_STAGE = "text-stage"  # the fault-injection name of the text stage
 INFRA_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError)
 
 
+def kept_samples(dataset_dir: str, shard: str, retry_failed: bool) -> dict[str, Sample]:
+    """With ``--retry-failed``, the samples an earlier attempt wrote to ``shard`` (only its recorded
+    failures are decoded again); else nothing."""
+    if not (retry_failed and (Path(dataset_dir) / "shards" / f"{shard}.json").exists()):
+        return {}
+    return {s.key: Sample(s.meta, s.sync_mp4, s.audio_flac, s.arrays) for s in iter_shard(dataset_dir, shard)}
+
+
 class ShardWorker:
-    """Ray actor: one ShardProcessor for the actor's lifetime."""
+    """Ray actor: one ShardProcessor (the frozen encoders) for the actor's lifetime. The one-stage design's
+    shard worker (``process``: decode, encode, write) and the two-stage design's encoder actor
+    (``write_decoded``); both run the text stage."""
 
     def __init__(self, settings: WorkerSettings):
         device = settings.device
@@ -57,7 +69,7 @@ class ShardWorker:
 
     def store_prompts(self, dataset_dir: str, prompts: list[str]) -> int:
         """Text stage (pipelines/text_stage.py): encode ``prompts`` into one chunk of the prompt store."""
-        _maybe_inject_fault(TEXT_STAGE)
+        maybe_inject_fault(TEXT_STAGE)
         return self.processor.store_prompts(dataset_dir, prompts)
 
     def store_empty_prompt(self, dataset_dir: str) -> None:
@@ -69,24 +81,31 @@ class ShardWorker:
     ) -> ShardResult:
         """``dataset_dir`` and ``media_root`` come resolved from the driver (absolute paths or URLs);
         ``crashed``: keys of clips blamed for too many worker deaths, with their counts."""
-        _maybe_inject_fault(shard)
-        reuse = {}
-        if retry_failed and (Path(dataset_dir) / "shards" / f"{shard}.json").exists():
-            # keep what the earlier attempt wrote; decode only the recorded failures again
-            for sample in iter_shard(dataset_dir, shard):
-                reuse[sample.key] = Sample(sample.meta, sample.sync_mp4, sample.audio_flac, sample.arrays)
+        maybe_inject_fault(shard)
+        reuse = kept_samples(dataset_dir, shard, retry_failed)
 
         def before_clip(row: ManifestRow) -> None:
             crash_blame.leave(dataset_dir, shard, row.key)
-            _maybe_crash_on(row)
+            maybe_crash_on(row)
 
         try:
-            return self.processor.process(dataset_dir, shard, rows, media_root, reuse, crashed, before_clip)
+            result = self.processor.process(dataset_dir, shard, rows, media_root, reuse, crashed, before_clip)
         finally:
             crash_blame.clear(dataset_dir, shard)  # a live worker's breadcrumb blames nothing
+        result.decoder_node = result.encoder_node = ray.get_runtime_context().get_node_id()
+        return result
+
+    def write_decoded(self, dataset_dir: str, rows: list[ManifestRow], retry_failed: bool,
+                      decoded: DecodedShard) -> ShardResult:
+        """The two-stage design's encoder half: encode a decode task's result and write the shard."""
+        maybe_inject_fault(f"encode-{decoded.shard}")
+        reuse = kept_samples(dataset_dir, decoded.shard, retry_failed)
+        result = self.processor.write(dataset_dir, rows, decoded, reuse)
+        result.encoder_node = ray.get_runtime_context().get_node_id()
+        return result
 
 
-def _maybe_inject_fault(task: str) -> None:
+def maybe_inject_fault(task: str) -> None:
     """Fault injection for the resilience tests: ``SELVA_FAULT_EXIT_SHARD=<task>:<flag file>[,...]``
     makes the worker process die (as an OOM kill would) the first time it starts that shard (or the
     text stage, ``TEXT_STAGE``)."""
@@ -97,7 +116,22 @@ def _maybe_inject_fault(task: str) -> None:
             os._exit(1)
 
 
-def _maybe_crash_on(row: ManifestRow) -> None:
+def maybe_meet_peers(folder: str | None = None, peers: int = 2, timeout_s: float = 120.0) -> None:
+    """Test hook for "decoders run at once" without a timing race: with ``SELVA_TEST_DECODE_RENDEZVOUS=<dir>``
+    a decoder leaves a file there and waits (at most ``timeout_s``) until ``peers`` decoders have, so that
+    two decodes overlap exactly when the scheduler lets them run together; a pool that runs one at a
+    time shows no overlap (the first waits out the timeout alone)."""
+    folder = folder or os.environ.get("SELVA_TEST_DECODE_RENDEZVOUS")
+    if not folder:
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / f"{os.getpid()}-{time.time_ns()}").touch()
+    deadline = time.monotonic() + timeout_s
+    while len(list(Path(folder).iterdir())) < peers and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def maybe_crash_on(row: ManifestRow) -> None:
     """Fault injection for the resilience tests: ``SELVA_FAULT_CRASH_CLIP=<source id>`` kills the worker
     (SIGKILL, as the OOM killer does) every time it starts decoding that clip: a poisoned file. A real
     file that segfaults FFmpeg cannot be built on demand."""
@@ -135,7 +169,7 @@ def run_text_stage(
     raise AssertionError("unreachable")
 
 
-def _shard_error(shard: str, cause: BaseException) -> str:
+def shard_error(shard: str, cause: BaseException) -> str:
     """One line for a shard that stops the job, naming the shard once."""
     ours = (TransientFault, PrecomputeError, ShardError)  # messages that already say what is wrong
     text = str(cause) if isinstance(cause, ours) else f"{type(cause).__name__}: {cause}"
@@ -146,7 +180,7 @@ def _shard_error(shard: str, cause: BaseException) -> str:
     return text
 
 
-def _init_ray(cfg: PrecomputeConfig) -> None:
+def init_ray(cfg: PrecomputeConfig) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
@@ -165,15 +199,19 @@ def _init_ray(cfg: PrecomputeConfig) -> None:
         finally:
             connected.set()
     else:
-        # the embedded default: a private local Ray with exactly the requested CPUs
-        ray.init(num_cpus=cfg.workers, include_dashboard=False, log_to_driver=True, logging_level="WARNING")
+        # the embedded default: a private local Ray with exactly the requested CPUs (the two-stage design's
+        # encoder actors hold theirs besides the decoders'), and the encoder slots a custom resource names
+        cpus = cfg.workers + (math.ceil(cfg.encoder_actors * cfg.encoder_cpus) if cfg.encoder_actors else 0)
+        resources = {cfg.encoder_resource: cfg.encoder_actors} if cfg.encoder_actors and cfg.encoder_resource else None
+        ray.init(num_cpus=cpus, resources=resources, include_dashboard=False, log_to_driver=True,
+                 logging_level="WARNING")  # fmt: skip
 
 
 def _usable_workers(wanted: int, gpus_per_worker: float) -> int:
     """How many actors to start. A Ray of this process (no ``RAY_ADDRESS``: started by this run, or by
     an earlier one in the same process with fewer ``--workers``) has fixed CPUs, and an actor beyond
     them would wait forever: fewer are started, with a warning. A cluster may autoscale: its request
-    stands (``_wait_ready`` says what it is waiting for)."""
+    stands (``wait_ready`` says what it is waiting for)."""
     if os.environ.get("RAY_ADDRESS") or gpus_per_worker:
         return wanted
     cpus = int(ray.cluster_resources().get("CPU", 0))
@@ -183,7 +221,7 @@ def _usable_workers(wanted: int, gpus_per_worker: float) -> int:
     return wanted
 
 
-def _wait_ready(actors: list, notice_s: float = 60.0) -> None:
+def wait_ready(actors: list, notice_s: float = 60.0) -> None:
     """Wait until every actor has loaded its encoders; every ``notice_s`` say how many still wait (a
     cluster short of free CPUs or GPUs leaves actors pending, silently otherwise). Raises
     ``RayActorError`` for an actor that failed to start."""
@@ -204,7 +242,7 @@ def run_on_ray(
     media_root: str,
 ) -> None:
     started = time.perf_counter()
-    _init_ray(cfg)
+    init_ray(cfg)
     report.ray_start_seconds = time.perf_counter() - started
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     options = {"runtime_env": {"env_vars": env}} if env else {}
@@ -213,6 +251,7 @@ def run_on_ray(
     workers = _usable_workers(min(cfg.workers, len(todo)), cfg.gpus_per_worker)
     actors = [actor_cls.remote(settings) for _ in range(workers)]
     every_actor = list(actors)  # replacements included, so all are released at the end
+    report.encoder_builds = len(actors)
     queue = list(todo)
     attempts: dict[str, int] = {}  # unexplained worker deaths per shard (a blamed clip's are counted apart)
     crashes: dict[str, Counter[str]] = {shard: Counter() for shard in todo}  # shard -> clip key -> deaths
@@ -231,7 +270,7 @@ def run_on_ray(
         # Wait for every worker to load its encoders: reported apart from the steady-state run, and a
         # broken encoder set-up fails here, before any shard is started.
         try:
-            _wait_ready(actors)
+            wait_ready(actors)
         except ray.exceptions.RayActorError as err:
             raise PrecomputeError(f"workers could not start (encoder set-up failed?): {err}") from None
         report.worker_start_seconds = time.perf_counter() - run_started
@@ -241,7 +280,8 @@ def run_on_ray(
                 ray.kill(actor, no_restart=True)
             fresh = [actor_cls.remote(settings) for _ in dead]
             every_actor.extend(fresh)
-            _wait_ready(fresh)
+            report.encoder_builds += len(fresh)
+            wait_ready(fresh)
             return fresh
 
         rows = [row for shard in todo for row in by_shard[shard]]
@@ -291,11 +331,12 @@ def run_on_ray(
                 bar.write(f"{shard}: worker died ({cause}); retrying on a new worker")
                 actor = actor_cls.remote(settings)
                 every_actor.append(actor)
+                report.encoder_builds += 1
                 queue.insert(0, shard)
                 submit(actor)
                 continue
             except ray.exceptions.RayTaskError as err:
-                stop(PrecomputeError(_shard_error(shard, err.cause if err.cause is not None else err)))
+                stop(PrecomputeError(shard_error(shard, err.cause if err.cause is not None else err)))
                 continue
             add_result(report, result)
             bar.update(len(by_shard[shard]))

@@ -67,6 +67,7 @@ class DecodedShard:
     started: float = 0.0
     ended: float = 0.0
     where: str = ""
+    node: str = ""  # the Ray node id, when a Ray runner ran it
 
     def rejections(self) -> dict[str, Rejected]:
         return {key: Rejected(reason, message) for key, reason, message in self.failures}

@@ -78,6 +78,8 @@ class ShardResult:
     encoder: str = ""  # host:pid of the process whose encoders wrote the shard
     decoder: str = ""  # host:pid of the process that decoded it
     decode_span: tuple[float, float] = (0.0, 0.0)  # wall-clock start and end of the decode (epoch s)
+    decoder_node: str = ""  # Ray node ids (set by the Ray runners; empty in a plain process)
+    encoder_node: str = ""
 
 
 class ShardProcessor:
@@ -209,7 +211,7 @@ class ShardProcessor:
         failures and marker. ``reuse`` maps keys to samples kept from an earlier attempt."""
         reuse = reuse or {}
         result = ShardResult(decoded.shard, retries=decoded.retries, decoder=decoded.where,
-                             decode_span=(decoded.started, decoded.ended))  # fmt: skip
+                             decode_span=(decoded.started, decoded.ended), decoder_node=decoded.node)  # fmt: skip
         start = time.perf_counter()
         encoded_before = self.prompts_encoded
         fresh, result.encode_batches = self.samples(dataset_dir, decoded.shard, decoded.clips)

@@ -10,19 +10,18 @@ Four small runs (one of them fails early); datasets are compared as docs/shard-f
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from dataset_identity import assert_identical
 from fault_server import FaultServer
 from media_fixtures import make_clip
 
 from pipelines.precompute import PrecomputeConfig, PrecomputeError, run_precompute
 from preprocessing.manifest import read_manifest
-from preprocessing.prompt_store import PromptStore
 from preprocessing.shard_reader import iter_shard
-from preprocessing.shards import done_and_missing, read_failures, read_marker
+from preprocessing.shards import done_and_missing, read_failures
 
 CLIPS = ["clip_a", "clip_b", "clip_c"]
 FAST = (0.01, 0.01)  # the retry back-off, shortened
@@ -61,28 +60,6 @@ def _shard_of(dataset: Path, source_id: str) -> str:
     return next(row.shard for row in read_manifest(dataset / "manifest.parquet") if row.source_id == source_id)
 
 
-def _assert_identical(a: Path, b: Path) -> None:
-    """docs/shard-format.md 'What identical means': tars as bytes, markers except timings, failures
-    by content; dataset.json except media_root (a local folder for one, a URL for the other)."""
-    assert (a / "manifest.parquet").read_bytes() == (b / "manifest.parquet").read_bytes()
-    shards = done_and_missing(a)[0]
-    assert done_and_missing(b) == (shards, [])
-    for shard in shards:
-        assert (a / "shards" / f"{shard}.tar").read_bytes() == (b / "shards" / f"{shard}.tar").read_bytes(), shard
-        ma, mb = read_marker(a, shard), read_marker(b, shard)
-        assert {**ma.__dict__, "timings": None} == {**mb.__dict__, "timings": None}
-        assert read_failures(a, shard) == read_failures(b, shard)
-    info_a, info_b = (json.loads((d / "dataset.json").read_text()) for d in (a, b))
-    for info in (info_a, info_b):  # the store's split into chunk files follows --workers; its content must not
-        info["prompt_store"].pop("chunks")
-    assert {**info_a, "media_root": None} == {**info_b, "media_root": None}
-    store_a, store_b = PromptStore(a), PromptStore(b)
-    assert store_a.prompts() == store_b.prompts()
-    for text in store_a.prompts():
-        assert [x.tobytes() for x in store_a.get(text)] == [x.tobytes() for x in store_b.get(text)], text
-    assert [p for p in b.rglob("*") if ".tmp" in p.name] == []  # no temporary or breadcrumb left
-
-
 def test_storage_faults_are_retried_or_fail_the_shard_and_a_rerun_recovers(media, clean_run, tmp_path):
     table, server = media
     out = tmp_path / "dataset"
@@ -107,7 +84,7 @@ def test_storage_faults_are_retried_or_fail_the_shard_and_a_rerun_recovers(media
     report = run_precompute(cfg)
     assert report.read_retries == 2 and report.failed == 0 and server.resets["clip_b.mp4"] == 2
     assert "2 clip reads retried after storage or network faults" in report.table()
-    _assert_identical(clean_run, out)
+    assert_identical(clean_run, out)
 
 
 def test_a_clip_that_kills_its_worker_is_recorded_and_the_job_finishes(media, clean_run, tmp_path, monkeypatch):

@@ -1,0 +1,102 @@
+"""Precompute's two-stage design on a Ray cluster of two nodes on this machine (``ray.cluster_utils.Cluster``:
+a head with CPUs only, a worker node that declares two encoder slots, a custom resource standing in for
+GPUs). CPU decode tasks feed two encoder actors; the dataset must equal the one-stage pool's (run in its
+own process, with its own private Ray), under the same poisoned clip and with one encoder actor killed.
+
+Never ``ray stop`` here: it kills every Ray process on the machine, other tests' included.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+from dataset_identity import assert_identical
+from media_fixtures import make_clip
+
+from pipelines.precompute import PrecomputeConfig, run_precompute
+from preprocessing.manifest import read_manifest
+
+REPO = Path(__file__).resolve().parent.parent
+CLIPS = [f"clip{i}" for i in range(8)]
+POISON = "clip5"  # kills whichever process decodes it, every time (SELVA_FAULT_CRASH_CLIP)
+ENCODERS = 2
+DECODERS = 3
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cluster-inputs")
+    (root / "media").mkdir()
+    for i, clip in enumerate(CLIPS):
+        make_clip(root / "media" / f"{clip}.mp4", seconds=2.5, fps=25 if i % 2 else 30)
+    path = root / "clips.tsv"
+    path.write_text("id\tlabel\n" + "".join(f"{c}\tsound number {i % 3}\n" for i, c in enumerate(CLIPS)))
+    return path
+
+
+def _options(table: Path, out: Path) -> list[str]:
+    return ["--input", str(table), "--media-root", str(table.parent / "media"), "--out", str(out),
+            "--samples-per-shard", "2", "--batch-size", "2", "--no-progress"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def one_stage(table, tmp_path_factory) -> Path:
+    """The one-stage pool's dataset, from the CLI in a process of its own (its own private Ray)."""
+    out = tmp_path_factory.mktemp("one-stage") / "dataset"
+    env = {**os.environ, "SELVA_FAULT_CRASH_CLIP": POISON, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "selva_cli.main", "precompute", *_options(table, out), "--workers", "2"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """(head node id, worker node id) of a two-node Ray cluster this process is connected to."""
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():  # an earlier test file's private Ray in this pytest worker
+        ray.shutdown()
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": DECODERS, "include_dashboard": False})
+    worker = nodes.add_node(num_cpus=ENCODERS, resources={"encoder_slot": ENCODERS})
+    try:
+        ray.init(address=nodes.address, logging_level="WARNING")
+        yield nodes.head_node.node_id, worker.node_id
+    finally:
+        ray.shutdown()
+        nodes.shutdown()
+
+
+def test_two_stage_on_two_nodes_builds_encoders_per_slot_and_writes_the_one_stage_dataset(
+    table, one_stage, cluster, tmp_path, monkeypatch
+):
+    head, worker = cluster
+    out = tmp_path / "dataset"
+    shards = sorted({row.shard for row in read_manifest(one_stage / "manifest.parquet")})
+    monkeypatch.setenv("SELVA_FAULT_CRASH_CLIP", POISON)
+    # each decoder waits at its first clip until two have arrived: decodes overlap iff they may run together
+    monkeypatch.setenv("SELVA_TEST_DECODE_RENDEZVOUS", str(tmp_path / "decoders"))
+    # the encoder actor writing the first shard dies once (as an OOM kill would): replaced, shard rewritten
+    monkeypatch.setenv("SELVA_FAULT_EXIT_SHARD", f"encode-{shards[0]}:{tmp_path / 'encoder-died-once'}")
+    cfg = PrecomputeConfig(str(table), str(out), media_root=str(table.parent / "media"), samples_per_shard=2,
+                           batch_size=2, workers=DECODERS, encoder_actors=ENCODERS, encoder_resource="encoder_slot",
+                           progress=False)  # fmt: skip
+    report = run_precompute(cfg)
+
+    assert report.design == "two-stage"
+    # the encoders were built once per slot (plus the one replacement), not once per CPU or per shard
+    assert (tmp_path / "encoder-died-once").exists() and report.infra_retries == 1
+    assert report.encoder_builds == ENCODERS + 1
+    # encoders only where the slots are; decoding on the head's CPUs (the worker node's two are the encoders')
+    assert report.nodes["encode"] == {worker}
+    assert head in report.nodes["decode"]
+    assert report.max_decodes_at_once >= 2, report.decode_spans
+    # batches follow the manifest: two clips per shard, one where the poisoned clip was dropped
+    assert report.encode_batches == {2: len(shards) - 1, 1: 1}
+    assert report.clip_crashes == cfg.max_clip_crashes and dict(report.failures_by_reason) == {"crashes_worker": 1}
+    assert_identical(one_stage, out)

@@ -1,4 +1,8 @@
-"""Precompute throughput: Ray with 1 and 2 workers against the same work in one plain process.
+"""Precompute throughput: both Ray designs against the same work in one plain process.
+
+One-stage pool with 1 and 2 workers (each decodes and encodes), and the two-stage design (decode
+tasks feeding encoder actors: 1 encoder actor, 1 and 2 decoders; on a GPU node the encoders would
+hold the GPUs, here they are CPU encoders).
 
     .venv/bin/python benchmarks/precompute.py [--clips 64] [--samples-per-shard 8]
 
@@ -74,16 +78,17 @@ def main() -> None:
     try:
         table = make_inputs(root, args.clips)
 
-        def config(name: str, workers: int) -> PrecomputeConfig:
+        def config(name: str, workers: int, encoders: int = 0) -> PrecomputeConfig:
             return PrecomputeConfig(input=str(table), out=str(root / name), media_root=str(root / "media"),
-                                    workers=workers, samples_per_shard=args.samples_per_shard, progress=False)
+                                    workers=workers, encoder_actors=encoders, samples_per_shard=args.samples_per_shard,
+                                    progress=False)  # fmt: skip
 
         rows = [("plain process (baseline)", *plain(config("plain", 1)), 0.0)]
-        for workers in (1, 2):
-            report = run_precompute(config(f"ray{workers}", workers))
+        for name, workers, encoders in (("one-stage, 1 worker", 1, 0), ("one-stage, 2 workers", 2, 0),
+                                        ("two-stage, 1 dec + 1 enc", 1, 1), ("two-stage, 2 dec + 1 enc", 2, 1)):
+            report = run_precompute(config(name.replace(" ", "").replace(",", "-"), workers, encoders))
             assert report.ok == args.clips, report.table()
-            rows.append((f"ray, {workers} worker(s)", report.worker_start_seconds, report.run_seconds,
-                         report.ray_start_seconds))
+            rows.append((name, report.worker_start_seconds, report.run_seconds, report.ray_start_seconds))
             ray.shutdown()
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -119,6 +119,10 @@ class PrecomputeReport:
             f"time:   ray start {self.ray_start_seconds:.1f} s, workers ready {self.worker_start_seconds:.1f} s, "
             f"run {self.run_seconds:.1f} s ({stages})"
         )
+        if self.design == "two-stage":
+            batches = ", ".join(f"{n} x {size}" for size, n in sorted(self.encode_batches.items(), reverse=True))
+            lines.append(f"design: two-stage: {self.encoder_builds} encoder actor(s) built, codec batches "
+                         f"{batches or 'none'}, up to {self.max_decodes_at_once} decodes at once")  # fmt: skip
         if self.infra_retries:
             lines.append(
                 f"        {self.infra_retries} tasks (shards or the text stage) rerun on fresh workers "

@@ -25,7 +25,7 @@ import json
 import os
 import zlib
 from collections.abc import Iterable, Sequence
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -267,8 +267,11 @@ def read_manifest(path: str | Path, *, columns: Sequence[str] | None = None) -> 
 def manifest_hash(rows: Sequence[ManifestRow]) -> str:
     """sha256 of the rows' canonical JSON: identifies the content, whatever Parquet encoder wrote it."""
     digest = hashlib.sha256()
+    names = [f.name for f in fields(ManifestRow)]
     for row in rows:
-        values = astuple(row)
+        # the fields in order, as dataclasses.astuple gives them (every field is a scalar), without its
+        # per-value deepcopy: 4 of the 7 s of a 20k-row manifest step went there
+        values = tuple(getattr(row, name) for name in names)
         if row.line is None:  # Parquet inputs and manifests from before lines were kept: the old hash
             values = values[:-1]
         digest.update(json.dumps(values, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))

@@ -116,19 +116,21 @@ def maybe_inject_fault(task: str) -> None:
             os._exit(1)
 
 
-def maybe_meet_peers(folder: str | None = None, peers: int = 2, timeout_s: float = 120.0) -> None:
+def maybe_meet_peers(folder: str | None = None, peers: int = 2, timeout_s: float = 120.0) -> bool:
     """Test hook for "decoders run at once" without a timing race: with ``SELVA_TEST_DECODE_RENDEZVOUS=<dir>``
-    a decoder leaves a file there and waits (at most ``timeout_s``) until ``peers`` decoders have, so that
-    two decodes overlap exactly when the scheduler lets them run together; a pool that runs one at a
-    time shows no overlap (the first waits out the timeout alone)."""
+    a decoder that finished its shard leaves a file there and waits (at most ``timeout_s``) until ``peers``
+    decoders have, so that two decodes overlap exactly when the scheduler lets them run together; a pool
+    that runs one at a time shows no overlap (the first waits out the timeout alone). Only finished
+    decodes meet: one killed by a poisoned clip never gets here. True when the hook is on."""
     folder = folder or os.environ.get("SELVA_TEST_DECODE_RENDEZVOUS")
     if not folder:
-        return
+        return False
     Path(folder).mkdir(parents=True, exist_ok=True)
     (Path(folder) / f"{os.getpid()}-{time.time_ns()}").touch()
     deadline = time.monotonic() + timeout_s
     while len(list(Path(folder).iterdir())) < peers and time.monotonic() < deadline:
         time.sleep(0.05)
+    return True
 
 
 def maybe_crash_on(row: ManifestRow) -> None:

@@ -1,16 +1,13 @@
 """Precompute's two-stage design on a Ray cluster of two nodes on this machine (``ray.cluster_utils.Cluster``:
 a head with CPUs only, a worker node that declares two encoder slots, a custom resource standing in for
-GPUs). CPU decode tasks feed two encoder actors; the dataset must equal the one-stage pool's (run in its
-own process, with its own private Ray), under the same poisoned clip and with one encoder actor killed.
+GPUs). CPU decode tasks feed two encoder actors; the dataset must equal the one-stage pool's (run on the
+same cluster first), under the same poisoned clip and with one encoder actor killed.
 
 Never ``ray stop`` here: it kills every Ray process on the machine, other tests' included.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,6 @@ from media_fixtures import make_clip
 from pipelines.precompute import PrecomputeConfig, run_precompute
 from preprocessing.manifest import read_manifest
 
-REPO = Path(__file__).resolve().parent.parent
 CLIPS = [f"clip{i}" for i in range(8)]
 POISON = "clip5"  # kills whichever process decodes it, every time (SELVA_FAULT_CRASH_CLIP)
 ENCODERS = 2
@@ -37,22 +33,6 @@ def table(tmp_path_factory) -> Path:
     path = root / "clips.tsv"
     path.write_text("id\tlabel\n" + "".join(f"{c}\tsound number {i % 3}\n" for i, c in enumerate(CLIPS)))
     return path
-
-
-def _options(table: Path, out: Path) -> list[str]:
-    return ["--input", str(table), "--media-root", str(table.parent / "media"), "--out", str(out),
-            "--samples-per-shard", "2", "--batch-size", "2", "--no-progress"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def one_stage(table, tmp_path_factory) -> Path:
-    """The one-stage pool's dataset, from the CLI in a process of its own (its own private Ray)."""
-    out = tmp_path_factory.mktemp("one-stage") / "dataset"
-    env = {**os.environ, "SELVA_FAULT_CRASH_CLIP": POISON, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "selva_cli.main", "precompute", *_options(table, out), "--workers", "2"]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -72,20 +52,26 @@ def cluster():
         nodes.shutdown()
 
 
+def _config(table: Path, out: Path, **design) -> PrecomputeConfig:
+    return PrecomputeConfig(str(table), str(out), media_root=str(table.parent / "media"), samples_per_shard=2,
+                            batch_size=2, progress=False, **design)  # fmt: skip
+
+
 def test_two_stage_on_two_nodes_builds_encoders_per_slot_and_writes_the_one_stage_dataset(
-    table, one_stage, cluster, tmp_path, monkeypatch
+    table, cluster, tmp_path, monkeypatch
 ):
     head, worker = cluster
+    monkeypatch.setenv("SELVA_FAULT_CRASH_CLIP", POISON)
+    one_stage = tmp_path / "one-stage"
+    baseline = run_precompute(_config(table, one_stage, workers=2))
+    assert baseline.design == "one-stage" and baseline.encoder_builds == 2 + baseline.clip_crashes
     out = tmp_path / "dataset"
     shards = sorted({row.shard for row in read_manifest(one_stage / "manifest.parquet")})
-    monkeypatch.setenv("SELVA_FAULT_CRASH_CLIP", POISON)
-    # each decoder waits at its first clip until two have arrived: decodes overlap iff they may run together
+    # each decoder, its shard done, waits until two have: decodes overlap iff they may run together
     monkeypatch.setenv("SELVA_TEST_DECODE_RENDEZVOUS", str(tmp_path / "decoders"))
     # the encoder actor writing the first shard dies once (as an OOM kill would): replaced, shard rewritten
     monkeypatch.setenv("SELVA_FAULT_EXIT_SHARD", f"encode-{shards[0]}:{tmp_path / 'encoder-died-once'}")
-    cfg = PrecomputeConfig(str(table), str(out), media_root=str(table.parent / "media"), samples_per_shard=2,
-                           batch_size=2, workers=DECODERS, encoder_actors=ENCODERS, encoder_resource="encoder_slot",
-                           progress=False)  # fmt: skip
+    cfg = _config(table, out, workers=DECODERS, encoder_actors=ENCODERS, encoder_resource="encoder_slot")
     report = run_precompute(cfg)
 
     assert report.design == "two-stage"

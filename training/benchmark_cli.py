@@ -75,11 +75,14 @@ def _add_synth(actions: Any) -> None:
     synth.add_argument("--variants", nargs="+", help="variants to run (default: selva no_text_in_encoder no_mixing)")
     for name in ("pretrain", "encoder", "generator"):
         synth.add_argument(f"--{name}-steps", type=int, help=f"optimizer steps of stage {name}")
+    synth.add_argument("--encoder-lr", type=float, help="learning rate of stage encoder (default 5e-3)")
+    synth.add_argument("--encoder-mixing-prob", type=float,
+                       help="share of mixed clips in stage encoder's batches (default 1.0)")
     synth.add_argument("--clips", type=int, help="training clips of the world")
     synth.add_argument("--test-clips", type=int, help="held-out clips (composites: 4 per clip and partner)")
     synth.add_argument("--sampling-steps", type=int, help="Euler steps of generation")
     synth.add_argument("--set", dest="extra", nargs="+", default=[], metavar="KEY=VALUE",
-                       help="overrides for every training job (e.g. optim.lr=2e-3)")
+                       help="overrides for every training job, after the stage's own (e.g. optim.lr=2e-3)")
     synth.set_defaults(func=_run_synth)
 
 
@@ -91,7 +94,8 @@ def _run_synth(args: argparse.Namespace) -> int:
                          seeds=tuple(args.seeds) if args.seeds else None,
                          variants=tuple(args.variants) if args.variants else None,
                          pretrain_steps=args.pretrain_steps, encoder_steps=args.encoder_steps,
-                         generator_steps=args.generator_steps, clips=args.clips, test_clips=args.test_clips,
+                         generator_steps=args.generator_steps, encoder_lr=args.encoder_lr,
+                         encoder_mixing_prob=args.encoder_mixing_prob, clips=args.clips, test_clips=args.test_clips,
                          sampling_steps=args.sampling_steps, extra=tuple(args.extra) or None)  # fmt: skip
     results = SynthBenchmark(args.out, config).run()
     print(markdown(results), end="")

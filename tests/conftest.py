@@ -85,8 +85,9 @@ def tiny_export(train_world, tmp_path_factory) -> Path:
 # The longest test files, longest first: `make test` hands whole files to two workers in collection
 # order, and a long file that starts last runs alone while the other core idles (measured: 672 s with
 # check-reference last; 685 s with it first and test_precompute.py, the longest under contention, third)
-HEAVY_FIRST = ("test_train.py", "test_precompute.py", "test_model_reference.py", "test_demo.py", "test_generate.py",
-               "test_precompute_faults.py", "test_precompute_realworld.py")
+HEAVY_FIRST = ("test_train.py", "test_precompute.py", "test_model_reference.py", "test_demo.py",
+               "test_precompute_cluster.py", "test_reference_rest.py", "test_generate.py", "test_precompute_faults.py",
+               "test_precompute_realworld.py", "test_recipes.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

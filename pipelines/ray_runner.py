@@ -239,15 +239,46 @@ def wait_ready(actors: list, notice_s: float = 60.0) -> None:
             )
 
 
-def run_on_ray(
-    cfg: PrecomputeConfig, todo: list[str], by_shard: dict[str, list[ManifestRow]], report: PrecomputeReport,
-    media_root: str,
-) -> None:
+def connect(cfg: PrecomputeConfig, report: PrecomputeReport) -> dict:
+    """Start or join Ray (timed into ``report``); returns the task and actor options that forward the
+    driver's fault-injection variables (``FORWARDED_ENV``) to the workers."""
     started = time.perf_counter()
     init_ray(cfg)
     report.ray_start_seconds = time.perf_counter() - started
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    options = {"runtime_env": {"env_vars": env}} if env else {}
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
+def start_pool(actors: list, every_actor: list, make_actor: Callable[[], object], report: PrecomputeReport,
+               what: str) -> Callable[[list], list]:
+    """Wait for ``actors`` to load their encoders (reported apart from the steady-state run; a broken
+    encoder set-up fails here, before any shard starts) and return the function that replaces dead
+    actors with fresh, ready ones (each counted in ``report.encoder_builds`` and kept in ``every_actor``
+    so that all are released at the end)."""
+    started = time.perf_counter()
+    try:
+        wait_ready(actors)
+    except ray.exceptions.RayActorError as err:
+        raise PrecomputeError(f"{what} could not start (encoder set-up failed?): {err}") from None
+    report.worker_start_seconds = time.perf_counter() - started
+
+    def replace_actors(dead: list) -> list:
+        for actor in dead:
+            ray.kill(actor, no_restart=True)
+        fresh = [make_actor() for _ in dead]
+        every_actor.extend(fresh)
+        report.encoder_builds += len(fresh)
+        wait_ready(fresh)
+        return fresh
+
+    return replace_actors
+
+
+def run_on_ray(
+    cfg: PrecomputeConfig, todo: list[str], by_shard: dict[str, list[ManifestRow]], report: PrecomputeReport,
+    media_root: str,
+) -> None:
+    options = connect(cfg, report)
     actor_cls = ray.remote(num_cpus=1, num_gpus=cfg.gpus_per_worker)(ShardWorker).options(**options)
     settings = cfg.worker_settings()
     workers = _usable_workers(min(cfg.workers, len(todo)), cfg.gpus_per_worker)
@@ -269,22 +300,7 @@ def run_on_ray(
 
     run_started = time.perf_counter()
     try:
-        # Wait for every worker to load its encoders: reported apart from the steady-state run, and a
-        # broken encoder set-up fails here, before any shard is started.
-        try:
-            wait_ready(actors)
-        except ray.exceptions.RayActorError as err:
-            raise PrecomputeError(f"workers could not start (encoder set-up failed?): {err}") from None
-        report.worker_start_seconds = time.perf_counter() - run_started
-
-        def replace_actors(dead: list) -> list:
-            for actor in dead:
-                ray.kill(actor, no_restart=True)
-            fresh = [actor_cls.remote(settings) for _ in dead]
-            every_actor.extend(fresh)
-            report.encoder_builds += len(fresh)
-            wait_ready(fresh)
-            return fresh
+        replace_actors = start_pool(actors, every_actor, lambda: actor_cls.remote(settings), report, "workers")
 
         rows = [row for shard in todo for row in by_shard[shard]]
         actors = run_text_stage(cfg, actors, rows, report, replace_actors)

@@ -21,7 +21,6 @@ object store at once, so a slow encoder slows the decoders instead of filling me
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -32,17 +31,16 @@ from tqdm import tqdm
 from pipelines import crash_blame
 from pipelines.precompute_config import PrecomputeConfig, PrecomputeError, PrecomputeReport, add_result
 from pipelines.ray_runner import (
-    FORWARDED_ENV,
     INFRA_ERRORS,
     ShardWorker,
-    init_ray,
+    connect,
     kept_samples,
     maybe_crash_on,
     maybe_inject_fault,
     maybe_meet_peers,
     run_text_stage,
     shard_error,
-    wait_ready,
+    start_pool,
 )
 from pipelines.shard_decode import ClipDecoder, DecodedShard, DecodeSettings
 from preprocessing.manifest import ManifestRow
@@ -80,12 +78,8 @@ def run_two_stage(
     cfg: PrecomputeConfig, todo: list[str], by_shard: dict[str, list[ManifestRow]], report: PrecomputeReport,
     media_root: str,
 ) -> None:
-    started = time.perf_counter()
-    init_ray(cfg)
-    report.ray_start_seconds = time.perf_counter() - started
+    options = connect(cfg, report)
     report.design = "two-stage"
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    options = {"runtime_env": {"env_vars": env}} if env else {}
     slot = {cfg.encoder_resource: 1} if cfg.encoder_resource else {}
     encoder_cls = ray.remote(ShardWorker).options(num_cpus=cfg.encoder_cpus, num_gpus=cfg.gpus_per_encoder,
                                                   resources=slot, **options)  # fmt: skip
@@ -116,18 +110,8 @@ def run_two_stage(
 
     run_started = time.perf_counter()
     try:
-        try:
-            wait_ready(actors)
-        except ray.exceptions.RayActorError as err:
-            raise PrecomputeError(f"encoder actors could not start (encoder set-up failed?): {err}") from None
-        report.worker_start_seconds = time.perf_counter() - run_started
-
-        def replace_actors(dead: list) -> list:
-            for actor in dead:
-                ray.kill(actor, no_restart=True)
-            fresh = [new_actor() for _ in dead]
-            wait_ready(fresh)
-            return fresh
+        replace_actors = start_pool(actors, every_actor, lambda: encoder_cls.remote(settings), report,
+                                    "encoder actors")
 
         rows = [row for shard in todo for row in by_shard[shard]]
         idle = list(run_text_stage(cfg, actors, rows, report, replace_actors))

@@ -34,7 +34,6 @@ from pipelines.ray_runner import (
     INFRA_ERRORS,
     ShardWorker,
     connect,
-    kept_samples,
     maybe_crash_on,
     maybe_inject_fault,
     maybe_meet_peers,
@@ -44,6 +43,7 @@ from pipelines.ray_runner import (
 )
 from pipelines.shard_decode import ClipDecoder, DecodedShard, DecodeSettings
 from preprocessing.manifest import ManifestRow
+from preprocessing.shards import read_marker
 
 
 def decode_task(settings: DecodeSettings, dataset_dir: str, shard: str, rows: list[ManifestRow],
@@ -51,7 +51,9 @@ def decode_task(settings: DecodeSettings, dataset_dir: str, shard: str, rows: li
     """Ray task: decode and compact ``shard``. Returns a small summary (the driver reads it to see the
     task succeeded without fetching the waveforms) and the decoded shard (passed on by reference)."""
     maybe_inject_fault(f"decode-{shard}")
-    skip = frozenset(kept_samples(dataset_dir, shard, retry_failed))
+    # --retry-failed: the keys an earlier attempt wrote, from its marker (the encoder actor reads the samples)
+    marker = read_marker(dataset_dir, shard) if retry_failed else None
+    skip = frozenset(marker.keys) if marker is not None else frozenset()
 
     def before_clip(row: ManifestRow) -> None:
         crash_blame.leave(dataset_dir, shard, row.key)

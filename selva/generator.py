@@ -1,4 +1,4 @@
-"""The MMAudio flow-matching generator that SELVA fine-tunes (official ``small_16k`` and a tiny preset).
+"""The MMAudio flow-matching generator that SELVA fine-tunes (official 16 and 44.1 kHz sizes, and tiny ones).
 
 Streams: audio latents (B, N, latent_dim), CLIP visual tokens (B, Nc, clip_dim), sync tokens from
 TextSynch (B, Ns, sync_dim) and CLIP text tokens (B, 77, text_dim). SELVA never feeds real CLIP
@@ -37,6 +37,19 @@ class GeneratorConfig:
     text_seq_len: int = 77
     sync_tokens_per_segment: int = 8
     duration: float = 8.0
+    # the audio the latents stand for: 16 kHz with a 256-sample mel hop, or 44.1 kHz with 512
+    sampling_rate: int = 16_000
+    spectrogram_frame_rate: int = 256
+
+    @property
+    def sequence(self) -> SequenceConfig:
+        """Sequence lengths at this config's duration and audio rates."""
+        return self.sequence_for(self.duration)
+
+    def sequence_for(self, duration: float) -> SequenceConfig:
+        """Sequence lengths of a ``duration``-second clip at this config's audio rates."""
+        return SequenceConfig(duration, sampling_rate=self.sampling_rate,
+                              spectrogram_frame_rate=self.spectrogram_frame_rate)
 
     @property
     def joint_depth(self) -> int:
@@ -106,7 +119,7 @@ class Generator(nn.Module):
         self.empty_clip_feat = nn.Parameter(torch.zeros(1, cfg.clip_dim))
         self.empty_sync_feat = nn.Parameter(torch.zeros(1, cfg.sync_dim))
         self.initialize_weights()
-        self.update_seq_lengths(SequenceConfig(cfg.duration))
+        self.update_seq_lengths(cfg.sequence)
 
     # -- set-up -----------------------------------------------------------------------------------
     def initialize_weights(self) -> None:
@@ -169,7 +182,11 @@ class Generator(nn.Module):
         sync_f = self.sync_input_proj(sync_f)
         text_f = self.text_input_proj(text_f)
 
-        # sync tokens (24/s... 192 for 8 s) -> one per latent frame (250 for 8 s)
+        # sync tokens (24/s... 192 for 8 s) -> one per latent frame (250 for 8 s at 16 kHz, 345 at 44.1 kHz).
+        # Kept as F.interpolate on purpose: its source index floor((i + 0.5) * 192 / 345) lands exactly on
+        # an integer for i = 57 and 172, which PyTorch's float32 arithmetic (and every dtype on CUDA) rounds
+        # down to frames 31/95 while CPU float64 picks 32/96; the official vectors hold both behaviours
+        # (reference-44k README section 5.3), and only the same call reproduces both.
         sync_f = F.interpolate(sync_f.transpose(1, 2), size=seq.latent_seq_len, mode="nearest-exact").transpose(1, 2)
 
         clip_f_c = self.clip_cond_proj(clip_f.mean(dim=1))

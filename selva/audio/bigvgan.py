@@ -1,7 +1,13 @@
-"""BigVGAN v1 vocoder at 16 kHz (MMAudio's ``BigVGANVocoder`` with ``bigvgan_vocoder.yml``).
+"""BigVGAN vocoders: v1 at 16 kHz (MMAudio's ``bigvgan_vocoder.yml``) and v2 at 44.1 kHz.
 
-80-bin log-mel (B, 80, F) -> waveform (B, 1, 256*F) in [-1, 1]. State-dict names equal the released
-``best_netG.pt['generator']`` in torch's parametrised weight-norm naming
+- 16 kHz, ``BigVGANConfig()``: 80-bin log10-mel (B, 80, F) -> waveform (B, 1, 256*F), ending in tanh.
+- 44.1 kHz, ``BIGVGAN_V2_44K`` (NVIDIA ``bigvgan_v2_44khz_128band_512x``, which the official 44k path
+  loads): 128-bin ln-mel (B, 128, F) -> (B, 1, 512*F); no bias on ``conv_post`` and a clamp to [-1, 1]
+  instead of tanh (its ``use_bias_at_final`` / ``use_tanh_at_final`` are false). Otherwise the same
+  network: AMP blocks of anti-aliased SnakeBeta activations with log-scale alpha/beta.
+
+State-dict names equal the released ``best_netG.pt['generator']`` / ``bigvgan_generator.pt['generator']``
+in torch's parametrised weight-norm naming
 (``X.parametrizations.weight.original0`` = g, ``original1`` = v); checkpoints in the legacy naming
 (``X.weight_g`` / ``X.weight_v``) are accepted through :func:`canonical_state_dict`. After loading,
 :meth:`BigVGANVocoder.remove_weight_norm` fuses w = g·v/‖v‖ in the module's *current* dtype, as the
@@ -32,6 +38,8 @@ class BigVGANConfig:
     resblock_kernel_sizes: tuple[int, ...] = (3, 7, 11)
     resblock_dilation_sizes: tuple[tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
     snake_logscale: bool = True
+    use_tanh_at_final: bool = True  # v2 44k: False, the output is clamped to [-1, 1] instead
+    use_bias_at_final: bool = True  # v2 44k: False, conv_post has no bias
 
     @property
     def hop_size(self) -> int:
@@ -39,6 +47,17 @@ class BigVGANConfig:
         for rate in self.upsample_rates:
             hop *= rate
         return hop
+
+
+# NVIDIA BigVGAN v2 (v2.4 config ``bigvgan_v2_44khz_128band_512x``; reference-44k hparams file)
+BIGVGAN_V2_44K = BigVGANConfig(
+    num_mels=128,
+    upsample_rates=(8, 4, 2, 2, 2, 2),
+    upsample_kernel_sizes=(16, 8, 4, 4, 4, 4),
+    use_tanh_at_final=False,
+    use_bias_at_final=False,
+)
+BIGVGAN_CONFIGS: dict[str, BigVGANConfig] = {"16k": BigVGANConfig(), "44k": BIGVGAN_V2_44K}
 
 
 def _padding(kernel_size: int, dilation: int) -> int:
@@ -101,7 +120,7 @@ class BigVGANVocoder(nn.Module):
             for k, d in zip(c.resblock_kernel_sizes, c.resblock_dilation_sizes, strict=True):
                 self.resblocks.append(AMPBlock1(ch, k, d, c.snake_logscale))
         self.activation_post = Activation1d(SnakeBeta(ch, logscale=c.snake_logscale))
-        self.conv_post = weight_norm(nn.Conv1d(ch, 1, 7, 1, padding=3))
+        self.conv_post = weight_norm(nn.Conv1d(ch, 1, 7, 1, padding=3, bias=c.use_bias_at_final))
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         x = self.conv_pre(mel)
@@ -114,7 +133,7 @@ class BigVGANVocoder(nn.Module):
                 xs = xs + self.resblocks[i * self.num_kernels + j](x)
             x = xs / self.num_kernels
         x = self.conv_post(self.activation_post(x))
-        return torch.tanh(x)
+        return torch.tanh(x) if self.config.use_tanh_at_final else x.clamp(-1.0, 1.0)
 
     def weight_normed_modules(self) -> list[nn.Module]:
         return [m for m in self.modules() if parametrize.is_parametrized(m, "weight")]

@@ -74,15 +74,21 @@ class MelConfig:
     fmin: float = 0.0
     fmax: float = 8000.0
     log_floor: float = 1e-5
-    """log10 is taken of max(mel, log_floor)."""
+    """The log is taken of max(mel, log_floor)."""
+    natural_log: bool = False
+    """The 16 kHz converter takes log10, the 44.1 kHz one the natural log (official code)."""
 
 
-# Only the 16 kHz converter is used (and verified against the official tables) in this project.
-MEL_CONFIGS: dict[str, MelConfig] = {"16k": MelConfig()}
+# Both verified against the official tables and vectors (../shared/reference, ../shared/reference-44k).
+MEL_CONFIGS: dict[str, MelConfig] = {
+    "16k": MelConfig(),
+    "44k": MelConfig(sampling_rate=44_100, n_fft=2048, num_mels=128, hop_size=512, win_size=2048, fmax=22_050.0,
+                     natural_log=True),
+}
 
 
 class MelConverter(nn.Module):
-    """Waveform (B, samples) in [-1, 1] -> log10 mel (B, num_mels, frames).
+    """Waveform (B, samples) in [-1, 1] -> log-mel (B, num_mels, frames); log10 at 16 kHz, ln at 44.1 kHz.
 
     ``mel_basis`` and ``hann_window`` are float32 persistent buffers, as in the official module;
     ``.double()`` casts the same float32 values up, which is exactly what the float64 reference run
@@ -131,7 +137,8 @@ class MelConverter(nn.Module):
         # The 1e-9 keeps the sqrt differentiable at zero; it is part of the official numbers.
         magnitude = torch.sqrt(spec.pow(2).sum(-1) + 1e-9)
         mel = torch.matmul(self.mel_basis, magnitude)
-        return torch.log10(torch.clamp(mel, min=c.log_floor))
+        mel = torch.clamp(mel, min=c.log_floor)
+        return torch.log(mel) if c.natural_log else torch.log10(mel)
 
 
 def get_mel_converter(mode: str = "16k") -> MelConverter:

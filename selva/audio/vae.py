@@ -1,9 +1,9 @@
-"""MMAudio's 1-D mel VAE (``get_my_vae('16k')``: 80 mel bins -> 20-d latents at half the frame rate).
+"""MMAudio's 1-D mel VAE at half the mel frame rate: ``get_my_vae('16k')`` 80 bins -> 20-d, ``'44k'`` 128 -> 40.
 
-State-dict names and shapes equal the released ``v1-16.pth`` (manifest ``vae_16k.keys.json``). The
-checkpoint holds *raw* MPConv1D weights; call :meth:`VAE.remove_weight_norm` after loading (the
-official load path does so), which fixes the weights in float32. Use :func:`load_vae` for the
-whole sequence.
+State-dict names and shapes equal the released ``v1-16.pth`` / ``v1-44.pth`` (manifests
+``vae_16k.keys.json``, ``vae_44k.keys.json``). The checkpoint holds *raw* MPConv1D weights; call
+:meth:`VAE.remove_weight_norm` after loading (the official load path does so), which fixes the
+weights in float32. Use :func:`load_vae` for the whole sequence.
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ class VAEConfig:
     clip_act: float = 256.0
 
 
-# Only the 16 kHz VAE (``v1-16.pth``) is used, and verified against the official vectors.
-VAE_CONFIGS: dict[str, VAEConfig] = {"16k": VAEConfig()}
+# ``v1-16.pth`` and ``v1-44.pth``, both verified against the official vectors (the 44.1 kHz one is the
+# same network on 128 mel bands, 40 latent channels and 512/1024/2048 hidden channels).
+VAE_CONFIGS: dict[str, VAEConfig] = {"16k": VAEConfig(), "44k": VAEConfig(data_dim=128, embed_dim=40, hidden_dim=512)}
 
 
 class _Level(nn.Module):

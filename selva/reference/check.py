@@ -12,6 +12,7 @@ every selected output passed; 1 when some failed; 2 when the directory cannot be
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import gc
 import json
 import math
@@ -310,11 +311,13 @@ def check_directory(
     out: Printer = print,
     *,
     show_traceback: bool = False,
+    case_patterns: list[str] | None = None,
 ) -> int:
     """Run the selected cases of ``directory``; print one line per output; return the exit code.
 
-    ``only`` restricts the check to these components. ``show_traceback`` prints a runner's full
-    traceback after its one-line error.
+    ``only`` restricts the check to these components, ``case_patterns`` to the cases whose id matches
+    one of these shell-style patterns (``generator/small44_*``). ``show_traceback`` prints a runner's
+    full traceback after its one-line error.
     """
     directory = Path(directory)
     if only is not None:
@@ -330,6 +333,9 @@ def check_directory(
         return 2
     salt = str(data.get("weight_salt", ""))
     cases = [c for c in data["cases"] if only is None or (isinstance(c, dict) and c.get("component") in only)]
+    if case_patterns:
+        cases = [c for c in cases if isinstance(c, dict)
+                 and any(fnmatch.fnmatchcase(str(c.get("id")), pattern) for pattern in case_patterns)]
     out(
         f"checking {directory}: {len(cases)} of {len(data['cases'])} cases, weight salt {salt!r}, "
         f"input salt {inputs.salt!r}"
@@ -360,7 +366,8 @@ def _only_arg(text: str) -> set[str]:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    return check_directory(args.directory, args.only, show_traceback=args.traceback)
+    patterns = [p.strip() for p in (args.cases or "").split(",") if p.strip()] or None
+    return check_directory(args.directory, args.only, show_traceback=args.traceback, case_patterns=patterns)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -387,6 +394,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         metavar="C1,C2",
         help="check only these components (comma-separated): " + ", ".join(COMPONENTS),
+    )
+    parser.add_argument(
+        "--cases",
+        default=None,
+        metavar="GLOB1,GLOB2",
+        help="check only the cases whose id matches one of these shell patterns, e.g. 'generator/small44_*'",
     )
     parser.add_argument(
         "--traceback", action="store_true", help="print the full traceback when a runner raises"

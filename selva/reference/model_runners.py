@@ -13,7 +13,7 @@ import torch
 
 from selva.checkpoint import load_strict, skip_init
 from selva.generator import FlowTrace, Generator, PreprocessedConditions
-from selva.presets import SMALL_16K
+from selva.presets import LARGE_44K, MEDIUM_44K, SMALL_16K, SMALL_44K, ModelPreset
 from selva.reference.runners import CaseContext, register
 from selva.sampling import sample_latents
 from selva.sequence import SequenceConfig
@@ -22,8 +22,10 @@ from selva.textsynch import TextSynch, TextSynchTrace
 # manifest name -> builder of our module with the official sizes
 _BUILDERS = {
     "textsynch_depth1_sup5": SMALL_16K.build_textsynch,
-    "generator_small_16k": SMALL_16K.build_generator,
+    **{f"generator_{p.name}": p.build_generator for p in (SMALL_16K, SMALL_44K, MEDIUM_44K, LARGE_44K)},
 }
+_GENERATOR_PRESETS: dict[str, ModelPreset] = {f"generator_{p.name}": p for p in (SMALL_16K, SMALL_44K, MEDIUM_44K,
+                                                                                   LARGE_44K)}
 
 
 def _build(ctx: CaseContext) -> torch.nn.Module:
@@ -36,20 +38,23 @@ def _build(ctx: CaseContext) -> torch.nn.Module:
     return module.eval()
 
 
-def _sequence(params: dict[str, Any]) -> SequenceConfig:
-    seq = SequenceConfig(float(params["duration"]))
+def _sequence(params: dict[str, Any], preset: ModelPreset) -> SequenceConfig:
+    """The case's sequence lengths at the preset's audio rates, checked against the lengths it states."""
+    seq = preset.sequence(float(params["duration"]))
     given = params.get("seq_lengths")
     if given:
         ours = {"latent": seq.latent_seq_len, "clip": seq.clip_seq_len, "sync": seq.sync_seq_len}
         if ours != {k: int(given[k]) for k in ours}:
-            raise ValueError(f"case seq_lengths {given} differ from our SequenceConfig({seq.duration}) {ours}")
+            raise ValueError(f"case seq_lengths {given} differ from our {preset.name} lengths at "
+                             f"{seq.duration} s: {ours}")
     return seq
 
 
 def _generator(ctx: CaseContext) -> Generator:
     gen = _build(ctx)
     assert isinstance(gen, Generator)
-    gen.update_seq_lengths(_sequence(ctx.params))  # before the dtype cast, as the official run
+    preset = _GENERATOR_PRESETS[str(ctx.case.get("model"))]
+    gen.update_seq_lengths(_sequence(ctx.params, preset))  # before the dtype cast, as the official run
     return gen.to(ctx.dtype)
 
 

@@ -56,7 +56,6 @@ from preprocessing.shards import (
     write_input_failures,
 )
 from selva.presets import get_preset
-from selva.sequence import SequenceConfig
 
 MANIFEST = "manifest.parquet"
 __all__ = [
@@ -126,7 +125,7 @@ def prepare_dataset(cfg: PrecomputeConfig) -> tuple[list[ManifestRow], DatasetIn
     if not rows:
         print(f"warning: no clip is left of {cfg.input}: all {total} rows were rejected; the dataset is empty")
     write_manifest(rows, manifest_path)
-    seq = SequenceConfig(preset.duration)
+    seq = preset.seq
     shards = Counter(split for _shard, split in {(r.shard, r.split) for r in rows})
     info = DatasetInfo(
         preset=cfg.preset,

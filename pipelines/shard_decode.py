@@ -84,7 +84,9 @@ class ClipDecoder:
 
     def __init__(self, settings: DecodeSettings):
         self.settings = settings
-        self.frame_size = get_preset(settings.preset).frame_size
+        preset = get_preset(settings.preset)
+        self.frame_size = preset.frame_size
+        self.seq = preset.seq  # the audio is decoded at the preset's rate (16 or 44.1 kHz)
 
     def decode(self, row: ManifestRow, media_root: str | None) -> DecodedClip:
         problem = check_row(row, media_root)
@@ -92,7 +94,9 @@ class ClipDecoder:
             raise problem
         return decode_clip(
             resolve_media_path(row.path, media_root), start=row.start, duration=row.duration,
-            frame_size=self.frame_size, threads=self.settings.threads, io_timeout_s=self.settings.io_timeout_s,
+            frame_size=self.frame_size, sample_rate=self.seq.sampling_rate,
+            spectrogram_frame_rate=self.seq.spectrogram_frame_rate, threads=self.settings.threads,
+            io_timeout_s=self.settings.io_timeout_s,
         )  # fmt: skip
 
     def decode_retrying(self, row: ManifestRow, media_root: str | None, out: DecodedShard) -> DecodedClip:

@@ -40,7 +40,6 @@ from preprocessing.sample import Sample, SampleMeta
 from preprocessing.shard_writer import ShardWriter
 from selva.encoders import FrozenEncoders, build_encoders
 from selva.presets import ModelPreset, get_preset
-from selva.sequence import SequenceConfig
 
 TEXT_CACHE_SIZE = 1024  # prompts; ~0.17 GB at the official widths (77 x 1024 CLIP tokens, float16)
 
@@ -89,7 +88,7 @@ class ShardProcessor:
         hf_logging.disable_progress_bar()  # one "Loading weights" bar per worker is noise in a job log
         self.settings = settings
         self.preset: ModelPreset = get_preset(settings.preset)
-        self.seq = SequenceConfig(self.preset.duration)
+        self.seq = self.preset.seq
         self.device = torch.device(settings.device)
         # encode only: precompute never decodes audio, so the official vocoder is not needed
         self.encoders: FrozenEncoders = build_encoders(

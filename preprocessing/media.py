@@ -185,6 +185,7 @@ def decode_clip(
     frame_size: int,
     start: float = 0.0,
     sample_rate: int = 16_000,
+    spectrogram_frame_rate: int = 256,
     fps: int = 25,
     name: str | None = None,
     threads: int = 0,
@@ -197,6 +198,9 @@ def decode_clip(
     same frame logic, the audio stream neither needed nor decoded; ``audio`` is then empty and
     ``peak`` 0.
 
+    ``sample_rate`` and ``spectrogram_frame_rate`` (the mel hop) are the model preset's audio rates:
+    16 kHz / 256 or 44.1 kHz / 512; the audio is resampled to ``sample_rate`` and padded to whole latents.
+
     ``start`` and ``duration`` are seconds on the file's own time line, counted from the container's
     start time. Raises :class:`Rejected` (missing_file, undecodable, no_video, no_audio, too_short,
     silent); a storage or network fault (``preprocessing.faults.is_transient``) is raised as it is.
@@ -207,7 +211,8 @@ def decode_clip(
     if duration <= 0 or start < 0 or frame_size <= 0:
         raise ValueError(f"need duration > 0, start >= 0, frame_size > 0; got {duration}, {start}, {frame_size}")
     label = media_label(source, name)
-    seq = SequenceConfig(duration, sampling_rate=sample_rate, sync_frame_rate=fps)
+    seq = SequenceConfig(duration, sampling_rate=sample_rate, spectrogram_frame_rate=spectrogram_frame_rate,
+                         sync_frame_rate=fps)
     container: av.container.InputContainer | None
     container, size = open_media(source, label, io_timeout_s)
     try:

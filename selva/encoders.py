@@ -13,17 +13,16 @@ from dataclasses import dataclass
 
 import torch
 
-from selva.audio.bigvgan import load_bigvgan
+from selva.audio.bigvgan import BIGVGAN_CONFIGS, load_bigvgan
 from selva.audio.codec import AudioCodec, EmbeddedCodec, OfficialCodec
 from selva.audio.embedded_codec import EmbeddedCodecConfig
 from selva.audio.mel import get_mel_converter
 from selva.audio.vae import load_vae
-from selva.presets import ModelPreset
+from selva.presets import OFFICIAL_LATENT_DIMS, ModelPreset
 from selva.text import ENCODER_KINDS, TextEncoder, build_text_encoders
 from selva.weights import require
 
 ENCODER_FAMILIES = ENCODER_KINDS  # one list: codecs and text encoders come in the same families
-OFFICIAL_LATENT_DIM = 20
 
 
 @dataclass
@@ -40,12 +39,21 @@ def _check_kind(kind: str) -> None:
 
 
 def _check_official_preset(preset: ModelPreset) -> None:
-    latent_dim = preset.generator.latent_dim
-    if latent_dim != OFFICIAL_LATENT_DIM:
+    latent_dim, official = preset.generator.latent_dim, OFFICIAL_LATENT_DIMS[preset.audio_mode]
+    if latent_dim != official:
         raise ValueError(
-            f"preset {preset.name} has {latent_dim}-channel latents, but the official VAE makes "
-            f"{OFFICIAL_LATENT_DIM}; use --encoders embedded with it, or the small_16k preset"
+            f"preset {preset.name} has {latent_dim}-channel latents, but the official {preset.audio_mode} VAE makes "
+            f"{official}; use --encoders embedded with it, or a released preset (selva presets)"
         )
+
+
+def embedded_codec_config(preset: ModelPreset) -> EmbeddedCodecConfig:
+    """The embedded codec at the preset's audio rates: one latent per two mel hops (as the official VAE),
+    an FFT of two latent hops, mel bands up to Nyquist, ``latent_dim`` of them."""
+    seq = preset.seq
+    hop = seq.spectrogram_frame_rate * seq.latent_downsample_rate
+    return EmbeddedCodecConfig(sampling_rate=seq.sampling_rate, num_mels=preset.generator.latent_dim, n_fft=2 * hop,
+                               hop_size=hop, fmax=seq.sampling_rate / 2)
 
 
 def build_codec(
@@ -54,14 +62,14 @@ def build_codec(
 ) -> AudioCodec:
     """The preset's codec; ``decoder=False`` skips the official vocoder (encode-only, e.g. precompute)."""
     _check_kind(kind)
-    latent_dim = preset.generator.latent_dim
     if kind == "embedded":
-        return EmbeddedCodec(EmbeddedCodecConfig(num_mels=latent_dim)).to(device)
+        return EmbeddedCodec(embedded_codec_config(preset)).to(device)
     _check_official_preset(preset)
-    paths = require(weights_dir, ["vae", "vocoder"] if decoder else ["vae"])
-    vae = load_vae(paths["vae"], device=device)
-    vocoder = load_bigvgan(paths["vocoder"], device=device) if decoder else None
-    return OfficialCodec(get_mel_converter("16k").to(device), vae, vocoder)
+    mode = preset.audio_mode
+    paths = require(weights_dir, ["vae", "vocoder"] if decoder else ["vae"], preset.name)
+    vae = load_vae(paths["vae"], mode, device=device)
+    vocoder = load_bigvgan(paths["vocoder"], BIGVGAN_CONFIGS[mode], device=device) if decoder else None
+    return OfficialCodec(get_mel_converter(mode).to(device), vae, vocoder)
 
 
 def build_encoders(
@@ -73,7 +81,8 @@ def build_encoders(
     _check_kind(kind)
     if kind == "official":
         _check_official_preset(preset)
-        require(weights_dir, ["vae", "vocoder", "flan_t5", "clip"] if decoder else ["vae", "flan_t5", "clip"])
+        require(weights_dir, ["vae", "vocoder", "flan_t5", "clip"] if decoder else ["vae", "flan_t5", "clip"],
+                preset.name)
     codec = build_codec(kind, preset, weights_dir, device, decoder=decoder)
     t5, clip = build_text_encoders(kind, preset, weights_dir, device=device)
     return FrozenEncoders(kind, codec, t5, clip)
@@ -86,16 +95,21 @@ _ENCODER_NAMES = {
                  "codec": "log-mel"},
     "official": {"t5": "flan-t5-base", "clip_text": "DFN5B-CLIP-ViT-H-14-384", "codec": "mmaudio-vae-16k"},
 }
+_OFFICIAL_CODECS = {"16k": "mmaudio-vae-16k", "44k": "mmaudio-vae-44k"}
 
 
 def describe_encoders(kind: str, preset: ModelPreset) -> dict[str, dict]:
     """The ``encoders`` record of a dataset made with family ``kind`` for ``preset``."""
     _check_kind(kind)
-    names = _ENCODER_NAMES[kind]
+    names = dict(_ENCODER_NAMES[kind])
+    if kind == "official":
+        names["codec"] = _OFFICIAL_CODECS[preset.audio_mode]
     return {
         "t5": {"name": names["t5"], "dim": preset.textsynch.text_dim},
         "clip_text": {"name": names["clip_text"], "dim": preset.generator.text_dim},
-        "codec": {"name": names["codec"], "latent_dim": preset.generator.latent_dim},
+        # the rate says which audio the latents stand for: a 16 kHz dataset cannot train a 44.1 kHz model
+        "codec": {"name": names["codec"], "latent_dim": preset.generator.latent_dim,
+                  "sampling_rate": preset.sampling_rate},
     }
 
 
@@ -103,6 +117,7 @@ def encoder_family(description: dict) -> str:
     """The family (``embedded``/``official``) of an ``encoders`` record; ValueError for one we did not write."""
     names = {role: (description.get(role) or {}).get("name") for role in ("t5", "clip_text", "codec")}
     for kind, known in _ENCODER_NAMES.items():
-        if names == known:
+        codecs = _OFFICIAL_CODECS.values() if kind == "official" else (known["codec"],)
+        if names["t5"] == known["t5"] and names["clip_text"] == known["clip_text"] and names["codec"] in codecs:
             return kind
     raise ValueError(f"encoders {names} are neither the embedded nor the official family")

@@ -76,6 +76,18 @@ class FlowTrace:
     fused: list[torch.Tensor] | None = None
 
 
+def upsample_sync(sync_f: torch.Tensor, num_latents: int) -> torch.Tensor:
+    """Sync tokens (B, Ns, D) -> one per latent frame (B, N, D) by nearest-exact interpolation (official).
+
+    8 s: 192 -> 250 at 16 kHz, 192 -> 345 at 44.1 kHz. Kept as ``F.interpolate`` on purpose: for 192 -> 345
+    the source index floor((i + 0.5) * 192 / 345) is exactly an integer at i = 57 and 172, which PyTorch's
+    float32 arithmetic (and every dtype on CUDA) lands just below, picking frames 31/95, while CPU float64
+    picks 32/96. The official vectors hold both behaviours (reference-44k README section 5.3), and only
+    the same call reproduces both.
+    """
+    return F.interpolate(sync_f.transpose(1, 2), size=num_latents, mode="nearest-exact").transpose(1, 2)
+
+
 class Generator(nn.Module):
     def __init__(self, cfg: GeneratorConfig):
         super().__init__()
@@ -182,12 +194,7 @@ class Generator(nn.Module):
         sync_f = self.sync_input_proj(sync_f)
         text_f = self.text_input_proj(text_f)
 
-        # sync tokens (24/s... 192 for 8 s) -> one per latent frame (250 for 8 s at 16 kHz, 345 at 44.1 kHz).
-        # Kept as F.interpolate on purpose: its source index floor((i + 0.5) * 192 / 345) lands exactly on
-        # an integer for i = 57 and 172, which PyTorch's float32 arithmetic (and every dtype on CUDA) rounds
-        # down to frames 31/95 while CPU float64 picks 32/96; the official vectors hold both behaviours
-        # (reference-44k README section 5.3), and only the same call reproduces both.
-        sync_f = F.interpolate(sync_f.transpose(1, 2), size=seq.latent_seq_len, mode="nearest-exact").transpose(1, 2)
+        sync_f = upsample_sync(sync_f, seq.latent_seq_len)
 
         clip_f_c = self.clip_cond_proj(clip_f.mean(dim=1))
         text_f_c = self.text_cond_proj(text_f.mean(dim=1))

@@ -15,6 +15,16 @@ DIR/
   clip-vit-h-14-384/                        open_clip files of apple/DFN5B-CLIP-ViT-H-14-384
 ```
 
+The 44.1 kHz presets (``small_44k``, ``medium_44k``, ``large_44k``) share TextSynch, Synchformer and the
+text encoders, and replace four files (SIZE = small, medium or large):
+
+```
+  weights/generator_SIZE_44k_sup_5.pth      SELVA generator
+  weights/mmaudio_SIZE_44k.pth              MMAudio generator of the same size
+  ext_weights/v1-44.pth                     MMAudio 44.1 kHz mel VAE
+  ext_weights/bigvgan_v2_44khz_128band_512x/bigvgan_generator.pt   NVIDIA BigVGAN v2 (Hugging Face repo name)
+```
+
 This module imports nothing of the project, so both :mod:`selva.weights` (checking and loading) and
 :mod:`selva.text` (the two text folders) read names from here without an import cycle. What lies
 *inside* the text folders is the text package's business (``selva.text.t5``, ``selva.text.clip``).
@@ -50,10 +60,29 @@ OFFICIAL_FILES: dict[str, WeightFile] = {
 PRECOMPUTE_ROLES = ("vae", "flan_t5", "clip")  # precompute only encodes: no vocoder
 GENERATE_ROLES = ("selva_generator", "textsynch", "vae", "vocoder", "flan_t5", "clip")
 
+DEFAULT_PRESET = "small_16k"
+_SIZES_44K = ("small", "medium", "large")
 
-def official_path(weights_dir: str | os.PathLike, role: str) -> Path:
-    """Where ``role``'s file or folder lies under ``weights_dir``; KeyError for an unknown role.
+
+def official_files(preset: str = DEFAULT_PRESET) -> dict[str, WeightFile]:
+    """The layout for one model preset: ``OFFICIAL_FILES`` for ``small_16k`` (and the tiny presets, which
+    load no official generator), with the 44.1 kHz presets' own generators, VAE and vocoder."""
+    size, _, rate = preset.partition("_")
+    if rate != "44k" or size not in _SIZES_44K:
+        return dict(OFFICIAL_FILES)
+    return {
+        **OFFICIAL_FILES,
+        "selva_generator": WeightFile(f"weights/generator_{size}_44k_sup_5.pth", f"SELVA generator ({size} 44.1 kHz)"),
+        "mmaudio_generator": WeightFile(f"weights/mmaudio_{size}_44k.pth", f"MMAudio {size} 44.1 kHz generator"),
+        "vae": WeightFile("ext_weights/v1-44.pth", "MMAudio 44.1 kHz mel VAE"),
+        "vocoder": WeightFile("ext_weights/bigvgan_v2_44khz_128band_512x/bigvgan_generator.pt",
+                              "NVIDIA BigVGAN v2 44.1 kHz vocoder (bigvgan_v2_44khz_128band_512x)"),
+    }
+
+
+def official_path(weights_dir: str | os.PathLike, role: str, preset: str = DEFAULT_PRESET) -> Path:
+    """Where ``role``'s file or folder lies under ``weights_dir`` for ``preset``; KeyError for an unknown role.
 
     Does not check that it exists (``selva.weights.require`` does, for a whole job at once).
     """
-    return Path(weights_dir) / OFFICIAL_FILES[role].path
+    return Path(weights_dir) / official_files(preset)[role].path

@@ -17,7 +17,15 @@ from selva.presets import ModelPreset
 from selva.text.clip import find_clip_weights
 from selva.text.t5 import check_t5_folder
 from selva.textsynch import TextSynch
-from selva.weight_layout import GENERATE_ROLES, OFFICIAL_FILES, PRECOMPUTE_ROLES, WeightFile, official_path
+from selva.weight_layout import (
+    DEFAULT_PRESET,
+    GENERATE_ROLES,
+    OFFICIAL_FILES,
+    PRECOMPUTE_ROLES,
+    WeightFile,
+    official_files,
+    official_path,
+)
 
 __all__ = [
     "GENERATE_ROLES",
@@ -28,6 +36,7 @@ __all__ = [
     "load_generator",
     "load_synchformer_backbone",
     "load_textsynch",
+    "official_files",
     "require",
 ]
 
@@ -36,8 +45,11 @@ class MissingWeightsError(FileNotFoundError):
     pass
 
 
-def require(weights_dir: str | os.PathLike | None, roles: tuple[str, ...] | list[str]) -> dict[str, Path]:
-    """Paths of ``roles`` under ``weights_dir``; raises one error naming every missing file."""
+def require(
+    weights_dir: str | os.PathLike | None, roles: tuple[str, ...] | list[str], preset: str = DEFAULT_PRESET
+) -> dict[str, Path]:
+    """Paths of ``roles`` under ``weights_dir`` for model ``preset``; raises one error naming every missing file."""
+    files = official_files(preset)
     unknown = [r for r in roles if r not in OFFICIAL_FILES]
     if unknown:
         raise ValueError(f"unknown weight roles {unknown}; known: {', '.join(OFFICIAL_FILES)}")
@@ -47,10 +59,10 @@ def require(weights_dir: str | os.PathLike | None, roles: tuple[str, ...] | list
             "use --encoders embedded to run without downloaded weights"
         )
     root = Path(weights_dir)
-    paths = {role: official_path(root, role) for role in roles}
+    paths = {role: official_path(root, role, preset) for role in roles}
     problems = []
     for role, path in paths.items():
-        where = f"{OFFICIAL_FILES[role].what}; expected at DIR/{OFFICIAL_FILES[role].path}"
+        where = f"{files[role].what}; expected at DIR/{files[role].path}"
         if not path.exists():
             problems.append(f"  {path} is missing ({where})")
             continue

@@ -17,24 +17,28 @@ def _add_presets(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "presets",
         help="list the model presets and their sizes",
-        description="List the model presets (official small_16k and the tiny test preset) with "
-        "clip duration, frame size, sequence lengths and parameter counts.",
+        description="List the model presets (the four released sizes small_16k, small_44k, medium_44k, "
+        "large_44k, and the tiny / tiny_44k laptop presets) with audio rate, clip duration, frame size, "
+        "sequence lengths and parameter counts.",
     )
     parser.set_defaults(func=_run_presets)
 
 
 def _run_presets(args: argparse.Namespace) -> int:
+    import torch
+
     from selva.presets import PRESETS
 
-    header = f"{'preset':<10} {'clip s':>6} {'frame':>5} {'latent':>6} {'sync':>5}"
+    header = f"{'preset':<10} {'audio Hz':>8} {'clip s':>6} {'frame':>5} {'latent':>6} {'sync':>5}"
     print(f"{header} {'TextSynch M':>11} {'generator M':>11}")
     for preset in PRESETS.values():
         seq = preset.seq
-        ts = sum(p.numel() for p in preset.build_textsynch().parameters()) / 1e6
-        gen = sum(p.numel() for p in preset.build_generator().parameters()) / 1e6
+        with torch.device("meta"):  # shapes only: counting a 1 B-parameter model allocates nothing
+            ts = sum(p.numel() for p in preset.build_textsynch().parameters()) / 1e6
+            gen = sum(p.numel() for p in preset.build_generator().parameters()) / 1e6
         print(
-            f"{preset.name:<10} {preset.duration:>6.1f} {preset.frame_size:>5} {seq.latent_seq_len:>6} "
-            f"{seq.sync_seq_len:>5} {ts:>11.2f} {gen:>11.2f}"
+            f"{preset.name:<10} {seq.sampling_rate:>8} {preset.duration:>6.1f} {preset.frame_size:>5} "
+            f"{seq.latent_seq_len:>6} {seq.sync_seq_len:>5} {ts:>11.2f} {gen:>11.2f}"
         )
     return 0
 

@@ -54,6 +54,14 @@ def reference_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def reference_44k_dir() -> Path:
+    """The 44.1 kHz reference-vector directory (``../shared/reference-44k``); skips when absent (fails under CI)."""
+    path = shared_dir() / "reference-44k"
+    require_shared(path / "cases.json", "the 44.1 kHz reference vectors")
+    return path
+
+
+@pytest.fixture(scope="session")
 def train_world(tmp_path_factory) -> Path:
     """The generated training world (``pipelines.train_world``), written once per session: 16 train and 8
     val clips, seed 0, 4 samples per shard, tiny preset, embedded encoders. Read it, never write into it."""
@@ -87,7 +95,7 @@ def tiny_export(train_world, tmp_path_factory) -> Path:
 # check-reference last; 685 s with it first and test_precompute.py, the longest under contention, third)
 HEAVY_FIRST = ("test_train.py", "test_precompute.py", "test_model_reference.py", "test_demo.py",
                "test_precompute_cluster.py", "test_reference_rest.py", "test_generate.py", "test_precompute_faults.py",
-               "test_precompute_realworld.py", "test_recipes.py")
+               "test_precompute_realworld.py", "test_recipes.py", "test_reference_44k_check.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -192,6 +192,29 @@ def test_a_benchmark_reference_reports_overall_per_subset_and_per_placement(tmp_
     assert per_file["inter_class/dog_cat_left"] == pytest.approx(float(direct[0]), rel=1e-5, abs=1e-6)
 
 
+def test_an_empty_subset_is_skipped_but_audio_left_in_it_is_a_problem(tmp_path, clap_dir, capsys):
+    """``benchmark build`` without a category column writes intra_class/metadata.csv with no rows and no
+    target_audio/: evaluate reports the other subset, and names generated audio under the empty one."""
+    import shutil
+
+    ref, gen = _benchmark(tmp_path, with_placement=True)
+    shutil.rmtree(ref / "intra_class")
+    (ref / "intra_class").mkdir()
+    (ref / "intra_class" / "metadata.csv").write_text("file_name,label,negative,placement\n")  # as build writes it
+    shutil.rmtree(gen / "intra_class")
+    out = tmp_path / "metrics.json"
+    args = ["evaluate", "--generated", str(gen), "--reference", str(ref), "--embedders", f"clap={clap_dir}",
+            "--out", str(out), "--duration", "1", "--no-progress", "--device", "cpu"]
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["pairs"] == 4 and "subset/intra_class" not in report["metrics"]
+    stray = _write_flac(gen / "intra_class" / "dog_cat_left.flac", _tone(SECONDS, CLAP_RATE, 300, 1)[0], CLAP_RATE)
+    capsys.readouterr()
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"{stray}: not in {ref / 'intra_class' / 'metadata.csv'} (an empty subset)" in err
+
+
 def test_the_released_layout_takes_placements_from_names_or_says_they_are_unknown(tmp_path, clap_dir):
     ref, gen = _benchmark(tmp_path / "named", with_placement=False)  # file_name,label only; <t>_<p>_<side>
     out = tmp_path / "named.json"

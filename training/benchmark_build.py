@@ -4,18 +4,18 @@ Output (``docs/benchmark.md``), for each subset ``intra_class`` and ``inter_clas
 ``training.benchmark_plan``)::
 
     DIR/<subset>/mixed/<name>.mp4          target and partner side by side, with their audio mixture
-    DIR/<subset>/target_audio/<name>.flac  the target clip's sound: 16 kHz mono, duration x 16000 samples
+    DIR/<subset>/target_audio/<name>.flac  the target clip's sound: mono at --sample-rate, duration x rate samples
     DIR/<subset>/metadata.csv              file_name,label,negative,placement,target,partner,paired_label
     DIR/rejected.csv                       every input row that could not be used, and why
     DIR/build.json                         options, input table hash, counts
 
 Media rules. Each clip is decoded by ``preprocessing.media.decode_clip`` over [start, start +
-duration): frames at 25 fps squashed to ``frame_size`` squared, audio 16 kHz mono peak-normalised to
-0.95 -- exactly what precompute gives training. A composite is the two clips' frames joined side by
+duration): frames at 25 fps squashed to ``frame_size`` squared, audio mono at ``sample_rate`` (16 kHz by
+default; 44.1 kHz for the 44.1 kHz models) peak-normalised to 0.95 -- exactly what precompute gives training. A composite is the two clips' frames joined side by
 side, (T, S, 2S, 3): each half keeps the S x S a model sees of a single clip, and squashing the
 composite to S x S at generation time gives the λ = 0.5 mix of training. Its audio track is the sum
 of the two normalised waveforms scaled back to peak 0.95 (both sources equally loud: neither can be
-picked by level). The reference is the target's normalised waveform, cut to duration x 16000 samples.
+picked by level). The reference is the target's normalised waveform, cut to duration x rate samples.
 
 Bad rows (not a clip: bad text, too short a span, a duplicate, a missing, unreadable, silent or
 audio-less file) are printed as one line each, written to ``rejected.csv``, and left out; the
@@ -52,7 +52,7 @@ from training.benchmark_read import BenchmarkError
 METADATA_COLUMNS = ("file_name", "label", "negative", "placement", "target", "partner", "paired_label")
 REJECTED_COLUMNS = ("row", "line", "id", "path", "reason", "message")
 FRAME_CACHE_BYTES = 2 << 30  # decoded clips kept in memory (30 MB per 8 s clip at 224 px); others are re-decoded
-FPS, SAMPLE_RATE = 25, 16_000
+FPS, SAMPLE_RATE = 25, 16_000  # SAMPLE_RATE: the default; BuildOptions.sample_rate sets it
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,9 @@ class BuildOptions:
     media_root: str | None = None  # where relative paths resolve; default: the table's folder
     text_column: str | None = None
     reciprocal: bool = False  # every composite asked for each of its two objects (benchmark_plan.plan_items)
+    # the reference audio's rate: the model's (16 kHz, or 44.1 kHz for the 44.1 kHz presets), so that metrics
+    # whose embedder runs at 32 or 48 kHz compare against the full band the model was trained on
+    sample_rate: int = SAMPLE_RATE
 
 
 @dataclass(frozen=True)
@@ -130,11 +133,12 @@ class _Clips:
         self.audio: dict[str, np.ndarray] = {}
         self.frames: OrderedDict[str, np.ndarray] = OrderedDict()
         self.bytes = 0
-        self.samples = round(options.duration * SAMPLE_RATE)
+        self.samples = round(options.duration * options.sample_rate)
 
     def _decode(self, clip: BenchClip):
         return decode_clip(clip.path, start=clip.start, duration=self.options.duration,
-                           frame_size=self.options.frame_size, name=clip.id)  # fmt: skip
+                           frame_size=self.options.frame_size, sample_rate=self.options.sample_rate,
+                           name=clip.id)  # fmt: skip
 
     def load(self, clip: BenchClip) -> None:
         """Decode ``clip`` once (raises ``Rejected``); keeps its audio and, budget allowing, frames."""
@@ -228,6 +232,8 @@ def build_benchmark(
 ) -> BuildResult:  # fmt: skip
     """Build the benchmark of ``table``'s clips into ``out`` (see the module doc); ``log`` gets one
     line per rejected row and per subset."""
+    if options.sample_rate < 8_000:
+        raise BenchmarkError(f"--sample-rate {options.sample_rate} Hz is not an audio rate a model uses (16000 or 44100)")
     if not options.duration > 0 or options.frame_size <= 0 or options.frame_size % 2 or options.partners < 1:
         raise BenchmarkError(f"need duration > 0, an even frame size > 0 and partners >= 1; got {options.duration}, "
                              f"{options.frame_size}, {options.partners}")
@@ -262,12 +268,12 @@ def build_benchmark(
         for item in _progress(chosen, subset, "composite"):
             data = pending.pop(_sides(item), None)
             if data is None:
-                data = encode_av_mp4(*composite(item, clips), fps=FPS)
+                data = encode_av_mp4(*composite(item, clips), fps=FPS, sample_rate=options.sample_rate)
                 if uses[_sides(item)] > 1:
                     pending[_sides(item)] = data
             _write_bytes(out / subset / "mixed" / f"{item.name}.mp4", data)
             _write_bytes(out / subset / "target_audio" / f"{item.name}.flac",
-                         encode_flac(clips.audio[item.target.id], SAMPLE_RATE))  # fmt: skip
+                         encode_flac(clips.audio[item.target.id], options.sample_rate))  # fmt: skip
         (out / subset).mkdir(parents=True, exist_ok=True)
         _write_csv(out / subset / "metadata.csv", METADATA_COLUMNS, [_metadata_row(i) for i in chosen])
         result.items[subset] = len(chosen)

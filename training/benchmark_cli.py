@@ -33,6 +33,9 @@ def add_parser(subparsers: Any) -> None:
                        help=f"partners per target and subset (default {DEFAULT_PARTNERS}); a pair gives 2 composites")
     build.add_argument("--frame-size", type=int, default=224,
                        help="pixels per side of each half (even; default 224, the sync encoder's input)")
+    build.add_argument("--sample-rate", type=int, default=16_000,
+                       help="reference and composite audio rate in Hz: the model's (default 16000; 44100 for the "
+                            "44.1 kHz presets)")
     build.add_argument("--media-root", help="where relative paths resolve (default: the table's folder)")
     build.add_argument("--text-column", help="the prompt column when the table has several")
     build.add_argument("--reciprocal", action="store_true",
@@ -48,6 +51,7 @@ def _run_build(args: argparse.Namespace) -> int:
     options = BuildOptions(
         duration=args.duration, seed=args.seed, partners=args.partners, frame_size=args.frame_size,
         media_root=args.media_root, text_column=args.text_column, reciprocal=args.reciprocal,
+        sample_rate=args.sample_rate,
     )  # fmt: skip
     result = build_benchmark(args.clips, args.out, options)
     total = sum(result.items.values())

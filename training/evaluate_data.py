@@ -178,7 +178,14 @@ def _benchmark_subset(sub: Path, rows: list[BenchmarkItem], gen_dir: Path, probl
                       seen: list[Path]) -> list[EvalItem]:
     """The items of one benchmark subset, driven by its metadata rows (``read_benchmark``): each row's
     composite name pairs ``GEN/<subset>/<name>`` with its reference, ``target_audio/<name>`` or
-    ``target_audio/<target id>`` (both placements of a pair then share one reference)."""
+    ``target_audio/<target id>`` (both placements of a pair then share one reference). A subset with no
+    rows (``benchmark build`` without a category column leaves intra_class empty) has nothing to pair:
+    neither folder is required, but generated audio there is still a problem."""
+    if not rows:
+        if gen_dir.is_dir():
+            problems += [f"  {p}: not in {sub / 'metadata.csv'} (an empty subset)" for p in sorted(gen_dir.iterdir())
+                         if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES]
+        return []
     _audio_files(sub / "target_audio", problems, seen)  # every reference is decoded, and x.wav + x.flac is a problem
     gens = _audio_files(gen_dir, problems, seen)
     items = []

@@ -9,8 +9,9 @@ sequence, and a negative prompt replaces the empty text in the unconditional bra
 
 Durations: any span of a whole number of 25 fps frames (a multiple of 0.04 s) of at least 16 frames
 (one Synchformer segment, 0.64 s); the generator's sequence lengths follow it (MMAudio's
-``SequenceConfig``). The codec returns ``SequenceConfig(d).num_audio_frames`` samples, slightly more
-than ``d x 16000`` (whole latents); the waveform is trimmed to exactly ``round(d x 16000)``.
+``SequenceConfig`` at the preset's audio rate). The codec returns ``num_audio_frames`` samples, slightly
+more than ``d x rate`` (whole latents); the waveform is trimmed to exactly ``round(d x rate)``, with rate
+16,000 Hz for the 16 kHz presets and 44,100 Hz for the 44.1 kHz ones.
 """
 
 from __future__ import annotations
@@ -204,7 +205,7 @@ def generate_batch(model: GenerationModel, requests: list[GenerationRequest]) ->
         raise GenerationError("a batch needs one duration, one --steps and one --cfg")
     duration, (steps, cfg) = durations.pop(), settings.pop()
     clips = [decode_video(model, r, duration) for r in requests]
-    seq = SequenceConfig(duration)
+    seq = model.preset.sequence(duration)
     model.generator.update_seq_lengths(seq)
     prompts = [p for p, _, _ in checked]
     with torch.inference_mode():

@@ -83,9 +83,10 @@ def preflight(cfg: TrainConfig) -> ModelPreset:
 
 
 def _check_encoders(path: Path, encoders: dict, preset: ModelPreset) -> None:
-    """The feature widths ``dataset.json`` records against what the preset's modules take."""
+    """The feature widths and audio rate ``dataset.json`` records against what the preset's modules take
+    (datasets written before the rate was recorded carry none, and are not checked for it)."""
     wanted = {("t5", "dim"): preset.textsynch.text_dim, ("clip_text", "dim"): preset.generator.text_dim,
-              ("codec", "latent_dim"): preset.generator.latent_dim}
+              ("codec", "latent_dim"): preset.generator.latent_dim, ("codec", "sampling_rate"): preset.sampling_rate}
     for (role, field), value in wanted.items():
         have = encoders.get(role, {}).get(field)
         if have is not None and int(have) != int(value):

@@ -3,8 +3,9 @@
 Each runner follows the official load path: build our module, load the directory's rule weights
 (parameters) together with the official buffers (``buffers_vae_bigvgan.safetensors`` at 16 kHz,
 ``buffers_44k.safetensors`` at 44.1 kHz, keys prefixed ``vae.`` / ``bigvgan.``) through the strict
-loader, cast to the run dtype, fuse the weight norm, then call. The vocoder is cast *before* its weight norm is fused, so a float64 run fuses in float64
-as the official float64 reference did; the VAE always fuses in float32 (official behaviour).
+loader, cast to the run dtype, fuse the weight norm, then call. The vocoder is cast *before* its weight
+norm is fused, so a float64 run fuses in float64 as the official float64 reference did; the VAE always
+fuses in float32 (official behaviour).
 """
 
 from __future__ import annotations

@@ -1,0 +1,114 @@
+"""A 44.1 kHz model through the whole pipeline: ``tiny_44k`` (the tiny widths at the 44.1 kHz rates).
+
+synth world at 44.1 kHz -> ``selva precompute --preset tiny_44k`` (Ray, embedded encoders) -> ``selva
+train`` (2 steps) -> ``selva generate``: the audio is decoded, stored, encoded and written at 44,100 Hz
+with the 44.1 kHz sequence lengths (87 latents of 1024 samples for 2 s), and the generated flac holds
+exactly duration x 44,100 samples. A 16 kHz dataset cannot train the 44.1 kHz preset.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from tests.train_launch import REPO, explain, job_env
+
+DURATION, RATE, LATENTS = 2.0, 44_100, 87  # ceil(2 * 44100 / 512 / 2)
+
+
+@pytest.fixture(scope="module")
+def dataset_44k(tmp_path_factory) -> Path:
+    from pipelines.precompute import PrecomputeConfig, run_precompute
+    from pipelines.synth_world import SynthOptions, write_synth
+
+    root = tmp_path_factory.mktemp("preset-44k")
+    write_synth(root / "world", SynthOptions(clips=4, test_clips=2, preset="tiny_44k"))
+    report = run_precompute(PrecomputeConfig(input=str(root / "world" / "clips.tsv"), out=str(root / "dataset"),
+                                             preset="tiny_44k", workers=1, samples_per_shard=4, progress=False,
+                                             max_failed_fraction=0.0))  # fmt: skip
+    assert report.ok == 4 and report.failed == 0
+    return root / "dataset"
+
+
+def _flac(data: bytes) -> tuple[int, np.ndarray]:
+    with av.open(io.BytesIO(data)) as container:
+        rate = container.streams.audio[0].codec_context.sample_rate
+        wave = np.concatenate([f.to_ndarray().reshape(-1) for f in container.decode(audio=0)])
+    return rate, wave
+
+
+def test_precompute_writes_44k_audio_and_latents(dataset_44k: Path) -> None:
+    from preprocessing.shard_reader import iter_dataset
+    from preprocessing.shards import read_dataset_info
+
+    info = read_dataset_info(dataset_44k)
+    assert info.preset == "tiny_44k"
+    assert info.encoders["codec"]["sampling_rate"] == RATE
+    assert info.sequence_lengths["latent"] == LATENTS and info.sequence_lengths["audio_samples"] == LATENTS * 1024
+    samples = list(iter_dataset(dataset_44k))
+    assert len(samples) == 4
+    for sample in samples:
+        assert sample.arrays["latent_mean"].shape == (LATENTS, 40)
+        rate, wave = _flac(sample.audio_flac)
+        assert rate == RATE and wave.size == LATENTS * 1024  # whole latents, zero-padded past 2 s
+        assert np.abs(wave[: round(DURATION * RATE)]).max() > 0.01  # the clip's sound is there
+
+
+def test_train_and_generate_a_44k_flac_of_exactly_duration_samples(dataset_44k: Path, tmp_path: Path) -> None:
+    out = tmp_path / "train"
+    cmd = [sys.executable, "-m", "training.train", "--config", "configs/train/tiny.yaml", "preset=tiny_44k",
+           f"dataset={dataset_44k}", f"out={out}", "steps=2", "loader.batch_size=2", "loader.num_workers=0",
+           "checkpoint_every=2", "validation.audio_clips=0", "validation.batches=0",
+           f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    result = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, explain(result)
+    export = json.loads((out / "final" / "export.json").read_text())
+    assert export["preset"] == "tiny_44k"
+
+    video = dataset_44k.parent / "world" / "clips" / "world000000.mp4"
+    gen = [sys.executable, "-m", "selva_cli.main", "generate", "--checkpoint", str(out / "final"), "--video",
+           str(video), "--prompt", "red square beeping", "--out", str(tmp_path / "gen"), "--name", "clip", "--steps",
+           "2"]
+    result = subprocess.run(gen, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, explain(result)
+    rate, wave = _flac((tmp_path / "gen" / "clip.flac").read_bytes())
+    assert rate == RATE and wave.size == round(DURATION * RATE) == 88_200
+
+    # a benchmark at the model's rate -> generate --manifest -> evaluate, whose embedder resamples 44.1 -> 48 kHz
+    from selva_cli.main import main
+    from tests.tiny_clap import write_tiny_clap
+
+    bench, many = tmp_path / "bench", tmp_path / "many"
+    assert main(["benchmark", "build", "--clips", str(dataset_44k.parent / "world" / "clips.tsv"), "--out",
+                 str(bench), "--duration", "2", "--frame-size", "32", "--partners", "1", "--sample-rate", "44100"]) == 0
+    targets = sorted(bench.glob("*/target_audio/*.flac"))
+    assert targets and all(_flac(p.read_bytes())[0] == RATE and _flac(p.read_bytes())[1].size == 88_200
+                           for p in targets)
+    assert main(["generate", "--checkpoint", str(out / "final"), "--manifest", str(bench), "--out", str(many),
+                 "--steps", "2"]) == 0
+    generated = sorted(many.glob("*/*.flac"))
+    assert len(generated) == len(targets) and all(_flac(p.read_bytes())[1].size == 88_200 for p in generated)
+    report_path = tmp_path / "metrics.json"
+    assert main(["evaluate", "--generated", str(many), "--reference", str(bench), "--embedders",
+                 f"clap={write_tiny_clap(tmp_path / 'clap')}", "--out", str(report_path), "--duration", "2",
+                 "--no-progress", "--device", "cpu"]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["pairs"] == len(targets)
+    assert report["embedders"]["clap"]["sample_rate"] == 48_000  # resampled from 44.1 kHz
+    assert report["metrics"]["overall"]["LAION-CLAP-Score"]["files"] == len(targets)
+
+
+def test_a_16k_dataset_cannot_train_the_44k_preset(tmp_path: Path, train_world: Path) -> None:
+    """The tiny (16 kHz) training world with preset=tiny_44k: one line naming the mismatch, before any step."""
+    cmd = [sys.executable, "-m", "training.train", "--config", "configs/train/tiny.yaml", "preset=tiny_44k",
+           f"dataset={train_world}", f"out={tmp_path / 'out'}", "steps=1", "loader.num_workers=0"]
+    result = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "tiny_44k" in result.stderr and "Traceback" not in result.stderr, explain(result)

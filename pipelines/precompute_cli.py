@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         from selva.weights import PRECOMPUTE_ROLES, MissingWeightsError, require
 
         try:  # before any work: a missing file is named now, not after an hour of decoding
-            require(cfg.weights, PRECOMPUTE_ROLES)
+            require(cfg.weights, PRECOMPUTE_ROLES, cfg.preset)
         except MissingWeightsError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

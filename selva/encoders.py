@@ -45,6 +45,12 @@ def _check_official_preset(preset: ModelPreset) -> None:
             f"preset {preset.name} has {latent_dim}-channel latents, but the official {preset.audio_mode} VAE makes "
             f"{official}; use --encoders embedded with it, or a released preset (selva presets)"
         )
+    if not preset.released:  # the tiny presets' text widths (64) are not FLAN-T5's (768) or CLIP-H's (1024)
+        raise ValueError(
+            f"preset {preset.name} is not a released size: its text widths ({preset.generator.text_dim}) do not fit "
+            f"the official text encoders; use --encoders embedded with it, or small_16k / small_44k / medium_44k / "
+            f"large_44k"
+        )
 
 
 def embedded_codec_config(preset: ModelPreset) -> EmbeddedCodecConfig:

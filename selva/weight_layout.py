@@ -68,16 +68,19 @@ def official_files(preset: str = DEFAULT_PRESET) -> dict[str, WeightFile]:
     """The layout for one model preset: ``OFFICIAL_FILES`` for ``small_16k`` (and the tiny presets, which
     load no official generator), with the 44.1 kHz presets' own generators, VAE and vocoder."""
     size, _, rate = preset.partition("_")
-    if rate != "44k" or size not in _SIZES_44K:
+    if rate != "44k":
         return dict(OFFICIAL_FILES)
-    return {
+    files = {
         **OFFICIAL_FILES,
-        "selva_generator": WeightFile(f"weights/generator_{size}_44k_sup_5.pth", f"SELVA generator ({size} 44.1 kHz)"),
-        "mmaudio_generator": WeightFile(f"weights/mmaudio_{size}_44k.pth", f"MMAudio {size} 44.1 kHz generator"),
         "vae": WeightFile("ext_weights/v1-44.pth", "MMAudio 44.1 kHz mel VAE"),
         "vocoder": WeightFile("ext_weights/bigvgan_v2_44khz_128band_512x/bigvgan_generator.pt",
                               "NVIDIA BigVGAN v2 44.1 kHz vocoder (bigvgan_v2_44khz_128band_512x)"),
     }
+    if size in _SIZES_44K:  # the released generators; a tiny_44k model has none
+        files["selva_generator"] = WeightFile(f"weights/generator_{size}_44k_sup_5.pth",
+                                              f"SELVA generator ({size} 44.1 kHz)")
+        files["mmaudio_generator"] = WeightFile(f"weights/mmaudio_{size}_44k.pth", f"MMAudio {size} 44.1 kHz generator")
+    return files
 
 
 def official_path(weights_dir: str | os.PathLike, role: str, preset: str = DEFAULT_PRESET) -> Path:

@@ -112,3 +112,29 @@ def test_a_16k_dataset_cannot_train_the_44k_preset(tmp_path: Path, train_world: 
     result = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "tiny_44k" in result.stderr and "Traceback" not in result.stderr, explain(result)
+
+
+def test_the_44k_weights_layout_and_its_errors(tmp_path: Path) -> None:
+    """The release's 44.1 kHz file names per size; a missing file is named with where it goes; the tiny
+    44.1 kHz preset is refused by the official encoders in one line."""
+    from selva.encoders import build_encoders
+    from selva.presets import SMALL_44K, TINY_44K
+    from selva.weight_layout import official_files
+    from selva.weights import MissingWeightsError
+
+    medium = official_files("medium_44k")
+    assert medium["selva_generator"].path == "weights/generator_medium_44k_sup_5.pth"
+    assert medium["mmaudio_generator"].path == "weights/mmaudio_medium_44k.pth"
+    assert medium["vae"].path == "ext_weights/v1-44.pth"
+    assert medium["vocoder"].path == "ext_weights/bigvgan_v2_44khz_128band_512x/bigvgan_generator.pt"
+    assert medium["textsynch"] == official_files("small_16k")["textsynch"]  # one video encoder for all sizes
+    assert official_files("small_16k")["vae"].path == "ext_weights/v1-16.pth"
+    (tmp_path / "ext_weights").mkdir()
+    (tmp_path / "ext_weights" / "v1-44.pth").write_bytes(b"")
+    with pytest.raises(MissingWeightsError) as err:
+        build_encoders("official", SMALL_44K, tmp_path)
+    text = str(err.value)
+    assert "bigvgan_v2_44khz_128band_512x/bigvgan_generator.pt is missing" in text and "v1-44.pth is missing" not in text
+    assert "v1-16.pth" not in text and "best_netG.pt" not in text
+    with pytest.raises(ValueError, match="tiny_44k is not a released size"):
+        build_encoders("official", TINY_44K, tmp_path)

@@ -10,10 +10,11 @@ Output (``docs/benchmark.md``), for each subset ``intra_class`` and ``inter_clas
     DIR/build.json                         options, input table hash, counts
 
 Media rules. Each clip is decoded by ``preprocessing.media.decode_clip`` over [start, start +
-duration): frames at 25 fps squashed to ``frame_size`` squared, audio mono at ``sample_rate`` (16 kHz by
-default; 44.1 kHz for the 44.1 kHz models) peak-normalised to 0.95 -- exactly what precompute gives training. A composite is the two clips' frames joined side by
-side, (T, S, 2S, 3): each half keeps the S x S a model sees of a single clip, and squashing the
-composite to S x S at generation time gives the λ = 0.5 mix of training. Its audio track is the sum
+duration): frames at 25 fps squashed to ``frame_size`` squared, audio mono at ``sample_rate`` (16 kHz
+by default; 44.1 kHz for the 44.1 kHz models) peak-normalised to 0.95 -- what precompute gives training.
+A composite is the two clips' frames joined side by side, (T, S, 2S, 3): each half keeps the S x S a
+model sees of a single clip, and squashing the composite to S x S at generation time gives the λ = 0.5
+mix of training. Its audio track is the sum
 of the two normalised waveforms scaled back to peak 0.95 (both sources equally loud: neither can be
 picked by level). The reference is the target's normalised waveform, cut to duration x rate samples.
 
@@ -233,7 +234,7 @@ def build_benchmark(
     """Build the benchmark of ``table``'s clips into ``out`` (see the module doc); ``log`` gets one
     line per rejected row and per subset."""
     if options.sample_rate < 8_000:
-        raise BenchmarkError(f"--sample-rate {options.sample_rate} Hz is not an audio rate a model uses (16000 or 44100)")
+        raise BenchmarkError(f"--sample-rate {options.sample_rate} Hz is not a rate a model uses (16000 or 44100)")
     if not options.duration > 0 or options.frame_size <= 0 or options.frame_size % 2 or options.partners < 1:
         raise BenchmarkError(f"need duration > 0, an even frame size > 0 and partners >= 1; got {options.duration}, "
                              f"{options.frame_size}, {options.partners}")

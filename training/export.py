@@ -42,7 +42,7 @@ from selva.checkpoint import (
 from selva.generator import Generator
 from selva.presets import ModelPreset, get_preset
 from selva.textsynch import TextSynch
-from selva.weight_layout import OFFICIAL_FILES, official_path
+from selva.weight_layout import official_files, official_path
 from selva.weights import load_generator, load_textsynch
 
 MODULES = ("textsynch", "generator")
@@ -118,16 +118,16 @@ def export_final(
             save_file(states[name], str(tmp / SAFETENSORS[name]),
                       metadata={"module": type(modules[name]).__name__, **meta})
             canonical_safetensors_header(tmp / SAFETENSORS[name])  # equal weights, equal bytes
-            pth = official_path(tmp, PTH_ROLES[name])
+            pth = official_path(tmp, PTH_ROLES[name], preset_name)  # the release's name for this size
             torch.save(states[name], pth)  # a flat dict of tensors: torch.load(weights_only=True) reads it
             record["modules"][name] = {**meta, "safetensors": SAFETENSORS[name],
-                                       "pth": OFFICIAL_FILES[PTH_ROLES[name]].path}
+                                       "pth": official_files(preset_name)[PTH_ROLES[name]].path}
         (tmp / "config.yaml").write_text(config_text)
         (tmp / "export.json").write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "weights" / "README.txt").write_text(
             f"SELVA weights exported by training/export.py for model preset {preset_name!r}.\n"
             "The file names are the official release's; "
-            + ("the shapes are the official small_16k ones.\n" if preset_name == "small_16k" else
+            + (f"the shapes are the official {preset_name} ones.\n" if get_preset(preset_name).released else
                f"the shapes are those of preset {preset_name!r}, NOT the official release's: load them with "
                f"this project's --preset {preset_name}.\n"))
         for path in tmp.rglob("*"):
@@ -186,16 +186,16 @@ def load_export(path: str | os.PathLike, preset: ModelPreset | str) -> tuple[Tex
     if _is_our_export(path):
         return _load_ours("textsynch", path / SAFETENSORS["textsynch"], preset), \
             _load_ours("generator", path / SAFETENSORS["generator"], preset)
-    files = {kind: official_path(path, role) for kind, role in PTH_ROLES.items()}
+    files = {kind: official_path(path, role, preset.name) for kind, role in PTH_ROLES.items()}
     if path.is_dir() and all(f.is_file() for f in files.values()):
         return _load_official("textsynch", files["textsynch"], preset), \
             _load_official("generator", files["generator"], preset)
     raise ExportPathError(
         f"{path}: expected an export folder (final/ with {' and '.join(SAFETENSORS.values())}) or an official "
-        f"weights folder (with {' and '.join(OFFICIAL_FILES[r].path for r in PTH_ROLES.values())})")
+        f"weights folder (with {' and '.join(official_files(preset.name)[r].path for r in PTH_ROLES.values())})")
 
 
-def _init_file(kind: str, path: Path) -> tuple[Path, bool]:
+def _init_file(kind: str, path: Path, preset: ModelPreset) -> tuple[Path, bool]:
     """The weights file that ``init.<kind>=path`` names, and whether it is one of ours (safetensors with our
     metadata) rather than an official ``.pth``. Raises ``ExportPathError`` for any other path."""
     if _is_our_export(path):
@@ -207,12 +207,13 @@ def _init_file(kind: str, path: Path) -> tuple[Path, bool]:
         return path, True
     if path.is_file() and path.suffix in (".pth", ".pt"):
         return path, False
-    official = official_path(path, INIT_ROLES[kind])
+    official = official_path(path, INIT_ROLES[kind], preset.name)
     if path.is_dir() and official.is_file():
         return official, False
     raise ExportPathError(
         f"init.{kind}={path}: expected an export folder (final/ with {SAFETENSORS[kind]}), a .safetensors from "
-        f"one, an official .pth, or an official weights folder with {OFFICIAL_FILES[INIT_ROLES[kind]].path}")
+        f"one, an official .pth, or an official weights folder with "
+        f"{official_files(preset.name)[INIT_ROLES[kind]].path}")
 
 
 def load_module_init(kind: str, path: str | os.PathLike, preset: ModelPreset | str) -> nn.Module:
@@ -224,7 +225,7 @@ def load_module_init(kind: str, path: str | os.PathLike, preset: ModelPreset | s
     if kind not in MODULES:
         raise ValueError(f"unknown module {kind!r}; expected one of {', '.join(MODULES)}")
     preset = _preset(preset)
-    file, ours = _init_file(kind, Path(path))
+    file, ours = _init_file(kind, Path(path), preset)
     return _load_ours(kind, file, preset) if ours else _load_official(kind, file, preset)
 
 
@@ -266,7 +267,7 @@ def check_init_source(kind: str, path: str | os.PathLike, preset: ModelPreset | 
         return
     if kind not in MODULES:
         raise ValueError(f"unknown module {kind!r}; expected one of {', '.join(MODULES)}, backbone")
-    file, ours = _init_file(kind, path)
+    file, ours = _init_file(kind, path, preset)
     want = "TextSynch" if kind == "textsynch" else "Generator"
     if ours:
         check_saved_for(file, want, preset.name)

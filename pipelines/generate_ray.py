@@ -19,14 +19,14 @@ import ray
 
 
 def _work(checkpoint: str, weights: str | None, device: str, items: list, out: str, steps: int, cfg: float,
-          seed: int, batch_size: int, rank: int, world: int) -> dict[str, Any]:
+          seed: int, batch_size: int, rank: int, world: int, preset: str | None = None) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     from training.generate import load_model
     from training.generate_batch import run_items
 
     hf_logging.disable_progress_bar()
-    model = load_model(checkpoint, weights=weights, device=device)
+    model = load_model(checkpoint, weights=weights, device=device, preset=preset)
     report = run_items(model, items, out, steps=steps, cfg=cfg, seed=seed, batch_size=batch_size, rank=rank,
                        world_size=world)
     return {"done_before": report.done_before, "generated": report.generated, "failed": dict(report.failed),
@@ -34,7 +34,8 @@ def _work(checkpoint: str, weights: str | None, device: str, items: list, out: s
 
 
 def run_on_ray(checkpoint: Path, weights: Path | None, items: list, out: Path, *, workers: int, steps: int,
-               cfg: float, seed: int, batch_size: int, gpus_per_worker: float = 0.0) -> dict[str, Any]:
+               cfg: float, seed: int, batch_size: int, gpus_per_worker: float = 0.0,
+               preset: str | None = None) -> dict[str, Any]:
     """Run the list on ``workers`` Ray tasks and merge their reports."""
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
@@ -44,7 +45,7 @@ def run_on_ray(checkpoint: Path, weights: Path | None, items: list, out: Path, *
     device = "cuda" if gpus_per_worker else "cpu"
     task = ray.remote(num_cpus=1, num_gpus=gpus_per_worker, max_retries=0)(_work)
     pending = [task.remote(str(checkpoint), str(weights) if weights else None, device, items, str(out), steps, cfg,
-                           seed, batch_size, rank, workers) for rank in range(workers)]
+                           seed, batch_size, rank, workers, preset) for rank in range(workers)]
     merged: dict[str, Any] = {"done_before": 0, "generated": 0, "failed": Counter(), "failures": []}
     for report in ray.get(pending):
         merged["done_before"] += report["done_before"]

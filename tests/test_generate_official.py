@@ -92,3 +92,53 @@ def test_generate_with_the_official_layout_one_step(official, tmp_path):
         assert container.streams.audio[0].sample_rate == 16_000
     assert len(samples) == round(0.64 * 16_000) and np.isfinite(samples).all() and np.abs(samples).max() > 0
     assert (out / "one.mp4").is_file() and (out / "one.png").is_file()
+
+
+
+def test_a_44k_release_folder_generates_44k_audio(release, reference_44k_dir, tmp_path):
+    """The 44.1 kHz release beside the 16 kHz one in one folder (docs/weights.md): ``preset="small_44k"``
+    loads its own generator, ``v1-44.pth`` and BigVGAN v2 from NVIDIA's file (old weight-norm names, nested
+    under ``generator``), reproduces the official float32 velocity, and writes duration x 44,100 samples."""
+    from safetensors.torch import load_file
+
+    from selva.presets import SMALL_44K
+    from selva.weight_layout import official_files
+
+    ref = reference_44k_dir
+    salt = json.loads((ref / "cases.json").read_text())["weight_salt"]
+    files = official_files("small_44k")
+    root = tmp_path / "release"
+    for role in ("textsynch", "flan_t5", "clip"):  # shared with the 16 kHz release
+        (root / files[role].path).parent.mkdir(parents=True, exist_ok=True)
+        (root / files[role].path).symlink_to(release / files[role].path)
+    for role in ("selva_generator", "vae", "vocoder"):
+        (root / files[role].path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(rule_state_dict(ref, "generator_small_44k", salt), root / files["selva_generator"].path)
+    torch.save({**rule_state_dict(ref, "vae_44k", salt), **official_buffers(ref, "vae.", "buffers_44k.safetensors")},
+               root / files["vae"].path)
+    vocoder = {}
+    for name, tensor in rule_state_dict(ref, "bigvgan_v2_44k", salt).items():  # NVIDIA's old names
+        name = name.replace(".parametrizations.weight.original0", ".weight_g")
+        vocoder[name.replace(".parametrizations.weight.original1", ".weight_v")] = tensor
+    vocoder.update(official_buffers(ref, "bigvgan.", "buffers_44k.safetensors"))
+    torch.save({"generator": vocoder}, root / files["vocoder"].path)
+
+    model = load_model(root, preset="small_44k")
+    assert model.preset is SMALL_44K and model.encoders.codec.sampling_rate == 44_100
+    case = _case(ref, "generator/small44_A_t060_t005")
+    output = next(o for o in case["outputs"] if o["run"] == "float32")
+    state = model.generator.state_dict()
+    ctx = CaseContext(case=case, dtype=torch.float32, inputs=InputSet(ref).resolve_all(case["inputs"], torch.float32),
+                      params=dict(case["params"]), wanted={output["value"]},
+                      rule_state_dict=lambda name=None: dict(state), directory=str(ref))
+    with torch.inference_mode():
+        velocity = get_runner("generator", "forward")(ctx)["velocity"]
+    assert relative_error(velocity, load_file(str(ref / case["file"]))[output["key"]]) <= output["tol"]
+
+    video = make_clip(tmp_path / "clip.mp4", 1.0, fps=25, size=(128, 96), audio=False)
+    request = GenerationRequest(video, "a dog barking", steps=1, duration=0.64)
+    write_outputs(generate(model, request), request, tmp_path / "out", "one")
+    with av.open(str(tmp_path / "out" / "one.flac")) as container:
+        samples = np.concatenate([f.to_ndarray().reshape(-1) for f in container.decode(audio=0)])
+        assert container.streams.audio[0].sample_rate == 44_100
+    assert len(samples) == round(0.64 * 44_100) and np.isfinite(samples).all() and np.abs(samples).max() > 0

@@ -80,6 +80,10 @@ def test_train_and_generate_a_44k_flac_of_exactly_duration_samples(dataset_44k: 
     assert result.returncode == 0, explain(result)
     rate, wave = _flac((tmp_path / "gen" / "clip.flac").read_bytes())
     assert rate == RATE and wave.size == round(DURATION * RATE) == 88_200
+    wrong = [*gen[:-4], "--preset", "small_44k", "--steps", "2"]  # an export knows its preset: another is refused
+    result = subprocess.run(wrong, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "is a tiny_44k export; --preset small_44k does not fit it" in result.stderr
+    assert "Traceback" not in result.stderr, explain(result)
 
     # a benchmark at the model's rate -> generate --manifest -> evaluate, whose embedder resamples 44.1 -> 48 kHz
     from selva_cli.main import main
@@ -134,7 +138,8 @@ def test_the_44k_weights_layout_and_its_errors(tmp_path: Path) -> None:
     with pytest.raises(MissingWeightsError) as err:
         build_encoders("official", SMALL_44K, tmp_path)
     text = str(err.value)
-    assert "bigvgan_v2_44khz_128band_512x/bigvgan_generator.pt is missing" in text and "v1-44.pth is missing" not in text
+    assert "bigvgan_v2_44khz_128band_512x/bigvgan_generator.pt is missing" in text
+    assert "v1-44.pth is missing" not in text
     assert "v1-16.pth" not in text and "best_netG.pt" not in text
     with pytest.raises(ValueError, match="tiny_44k is not a released size"):
         build_encoders("official", TINY_44K, tmp_path)

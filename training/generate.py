@@ -82,16 +82,23 @@ class Generated:
 
 
 def load_model(checkpoint: str | os.PathLike, *, weights: str | os.PathLike | None = None,
-               device: str | torch.device = "cpu") -> GenerationModel:
+               device: str | torch.device = "cpu", preset: str | None = None) -> GenerationModel:
     """One of our exports (``final/``: preset and encoder family from its ``export.json``) or an official
-    weights folder (preset small_16k, official encoders from the same folder; docs/weights.md).
-    ``weights``: the official encoders' folder for an export trained on them. Raises GenerationError."""
+    weights folder (official encoders from the same folder; docs/weights.md) for ``preset`` (default
+    small_16k; small_44k, medium_44k or large_44k for the 44.1 kHz release). ``weights``: the official
+    encoders' folder for an export trained on them. Raises GenerationError, also for a ``preset`` that is
+    not the export's own."""
     path = Path(checkpoint)
+    if preset is not None:
+        try:
+            get_preset(preset)
+        except KeyError as err:
+            raise GenerationError(str(err.args[0])) from None
     record_file = path / "export.json"
     if record_file.is_file():
         try:
             record = json.loads(record_file.read_text())
-            preset = get_preset(str(record["preset"]))
+            preset_of_export = get_preset(str(record["preset"]))
         except (ValueError, KeyError, TypeError) as err:
             raise GenerationError(f"{record_file}: not an export record this version reads ({err})") from err
         if "encoders" not in record:
@@ -101,19 +108,26 @@ def load_model(checkpoint: str | os.PathLike, *, weights: str | os.PathLike | No
             family = encoder_family(record["encoders"])
         except ValueError as err:
             raise GenerationError(f"{record_file}: {err}") from err
-        kind, weights_dir = "export", weights
+        if preset is not None and preset != preset_of_export.name:
+            raise GenerationError(f"{path} is a {preset_of_export.name} export; --preset {preset} does not fit it "
+                                  f"(leave --preset out for an export)")
+        preset_obj, kind, weights_dir = preset_of_export, "export", weights
         if family == "official" and weights_dir is None:
             raise GenerationError(f"{path} was trained on the official encoders: give their folder with --weights "
                                   f"DIR (docs/weights.md)")
     else:
-        preset, family, kind, weights_dir = get_preset("small_16k"), "official", "official", weights or path
+        preset_obj, family, kind = get_preset(preset or "small_16k"), "official", "official"
+        weights_dir = weights or path
+        if not preset_obj.released:
+            raise GenerationError(f"--preset {preset_obj.name} has no released weights; an official folder holds "
+                                  f"small_16k, small_44k, medium_44k or large_44k")
     try:
-        textsynch, generator = load_export(path, preset)
+        textsynch, generator = load_export(path, preset_obj)
     except ExportPathError as err:
         raise GenerationError(str(err)) from err
-    encoders = build_encoders(family, preset, weights_dir, device)
+    encoders = build_encoders(family, preset_obj, weights_dir, device)
     text_in_encoder = kind == "official" or trained_with_text_in_encoder(path / "config.yaml")
-    return GenerationModel(preset, encoders, textsynch.to(device).eval(), generator.to(device).eval(), path, kind,
+    return GenerationModel(preset_obj, encoders, textsynch.to(device).eval(), generator.to(device).eval(), path, kind,
                            text_in_encoder)
 
 

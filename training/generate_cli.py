@@ -17,14 +17,17 @@ from typing import Any
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "generate", help="generate the prompted sound for a video (or a list: --manifest)",
-        description="Generate the sound a text prompt selects from a video: NAME.flac (16 kHz mono, exactly "
-        "duration x 16000 samples), NAME.mp4 (the input's span with the new track) and NAME.png (spectrogram). "
+        description="Generate the sound a text prompt selects from a video: NAME.flac (mono at the model's "
+        "rate, exactly duration x 16000 or x 44100 samples), NAME.mp4 (the input's span with the new track) "
+        "and NAME.png (spectrogram). "
         "--manifest TABLE|BENCHMARK_DIR does a whole list in batches, skips finished items, records failures "
         "in OUT/failures/ and splits the list over torchrun ranks.",
     )
     p.add_argument("--checkpoint", required=True, type=Path,
                    help="one of our exports (a training run's final/) or an official weights folder (docs/weights.md)")
     p.add_argument("--weights", type=Path, help="the official encoders' folder, for an export trained on them")
+    p.add_argument("--preset", help="which released model an official weights folder holds: small_16k (default), "
+                                    "small_44k, medium_44k or large_44k (an export knows its own)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     one = p.add_argument_group("one video")
     one.add_argument("--video", type=Path, help="the video file (its audio, if any, is not used)")
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model = load_model(args.checkpoint, weights=args.weights, device=device)
+        model = load_model(args.checkpoint, weights=args.weights, device=device, preset=args.preset)
     except GenerationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -144,6 +147,7 @@ def _run_manifest(args: argparse.Namespace, model: Any) -> int:
         from pipelines.generate_ray import run_on_ray
 
         merged = run_on_ray(args.checkpoint, args.weights, items, args.out, workers=args.ray_workers,
+                            preset=args.preset,
                             steps=args.steps, cfg=args.cfg, seed=args.seed, batch_size=max(1, args.batch_size),
                             gpus_per_worker=args.gpus_per_worker)
         for line in merged["failures"]:

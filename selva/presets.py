@@ -51,6 +51,15 @@ class ModelPreset:
     def sampling_rate(self) -> int:
         return self.generator.sampling_rate
 
+    @property
+    def data_signature(self) -> tuple:
+        """What a precomputed dataset depends on: clip length, frame size, audio rates and the feature
+        widths. Presets with equal signatures share datasets (small/medium/large_44k: one dataset, three
+        generator sizes)."""
+        g, seq = self.generator, self.seq
+        return (self.duration, self.frame_size, seq.sampling_rate, seq.spectrogram_frame_rate, g.latent_dim,
+                g.text_dim, g.text_seq_len, self.textsynch.text_dim)
+
     def build_generator(self) -> Generator:
         return Generator(self.generator)
 

@@ -130,3 +130,7 @@ def test_presets_carry_the_official_44k_rates() -> None:
     seq = SMALL_44K.seq
     assert (seq.latent_seq_len, seq.clip_seq_len, seq.sync_seq_len, seq.num_audio_frames) == (345, 64, 192, 353280)
     assert TINY_44K.seq.latent_seq_len == 87 and TINY_44K.seq.num_audio_frames == 87 * 1024
+    # one precomputed dataset serves the three 44.1 kHz sizes, and none of the 16 kHz presets
+    assert SMALL_44K.data_signature == MEDIUM_44K.data_signature == LARGE_44K.data_signature
+    assert get_preset("small_16k").data_signature != SMALL_44K.data_signature
+    assert get_preset("tiny").data_signature != TINY_44K.data_signature

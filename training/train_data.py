@@ -21,7 +21,7 @@ import numpy as np
 
 from preprocessing.shards import ShardError, read_dataset_info
 from selva.checkpoint import CheckpointError
-from selva.presets import ModelPreset, get_preset
+from selva.presets import PRESETS, ModelPreset, get_preset
 from training.export import ExportPathError, check_init_source
 from training.loader import LoaderConfig, TrainLoader, build_loader
 from training.shard_order import seeded_rng
@@ -50,7 +50,9 @@ def preflight(cfg: TrainConfig) -> ModelPreset:
             info = read_dataset_info(path)
         except ShardError as err:
             raise ConfigError(f"dataset: {err}") from None
-        if info.preset != preset.name:
+        made_for = PRESETS.get(info.preset)
+        # a dataset serves every preset with the same data signature (small/medium/large_44k share one)
+        if made_for is None or made_for.data_signature != preset.data_signature:
             raise ConfigError(f"dataset: {path}/dataset.json was made for preset {info.preset!r}; this model is "
                               f"preset {preset.name!r} (set preset={info.preset} or precompute for {preset.name})")
         wanted = {"latent": seq.latent_seq_len, "sync_frames": int(round(seq.duration * 25))}

@@ -7,7 +7,8 @@ per-stream decode rules are :mod:`preprocessing.media_video` and :mod:`preproces
 
 * sync frames: 25 fps, squashed (both axes resized, no crop) to ``frame_size``, uint8 (T, S, S, 3),
   T = ``SequenceConfig(duration).sync_num_frames`` exactly;
-* audio: mono 16 kHz float32 of exactly ``SequenceConfig(duration).num_audio_frames`` samples,
+* audio: mono float32 at ``sample_rate`` (16 kHz, or 44.1 kHz for the 44.1 kHz presets) of exactly
+  ``SequenceConfig(duration, sample_rate, spectrogram_frame_rate).num_audio_frames`` samples,
   peak-normalised to 0.95 (the raw peak is kept).
 
 Rules (module constants, so tests and docs can name them):

@@ -7,7 +7,7 @@ Tar members of a sample (WebDataset naming ``<key>.<field>``):
 |---|---|
 | ``json`` | ids and text (``SampleMeta``); no wall-clock values, so reruns give identical bytes |
 | ``sync.mp4`` | the 25 fps clip at the preset's frame size, H.264 |
-| ``audio.flac`` | 16 kHz mono waveform (peak-normalised for training) |
+| ``audio.flac`` | mono waveform at the preset's rate, 16 or 44.1 kHz (peak-normalised for training) |
 | ``latent_mean.npy``, ``latent_std.npy`` | codec posterior, (N, latent_dim) float32 |
 | ``t5.npy``, ``t5_mask.npy`` | FLAN-T5 (or embedded) token features (L, D) float16 and mask (L,) bool |
 | ``clip_text.npy`` | CLIP-H (or embedded) token features (77, D) float16 |

@@ -83,7 +83,7 @@ def test_the_folder_is_a_finished_tiny_embedded_dataset(train_world):
     assert info.encoders == {
         "t5": {"name": "minilm-l6-v2+fixed-projection", "dim": 64},
         "clip_text": {"name": "minilm-l6-v2+fixed-projection", "dim": 64},
-        "codec": {"name": "log-mel", "latent_dim": 40},
+        "codec": {"name": "log-mel", "latent_dim": 40, "sampling_rate": 16_000},
     }
     assert info.sequence_lengths == {"latent": 63, "clip_text": 77, "sync_frames": 50, "audio_samples": 32256}
     assert info.media_root == MEDIA_ROOT

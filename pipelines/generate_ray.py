@@ -41,7 +41,9 @@ def run_on_ray(checkpoint: Path, weights: Path | None, items: list, out: Path, *
         if os.environ.get("RAY_ADDRESS"):
             ray.init(log_to_driver=True)
         else:
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=True, logging_level="WARNING")
+            # a private Ray, never another user's head on this machine (pipelines/ray_runner.init_ray)
+            ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=True,
+                     logging_level="WARNING")
     device = "cuda" if gpus_per_worker else "cpu"
     task = ray.remote(num_cpus=1, num_gpus=gpus_per_worker, max_retries=0)(_work)
     pending = [task.remote(str(checkpoint), str(weights) if weights else None, device, items, str(out), steps, cfg,

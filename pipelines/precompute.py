@@ -41,6 +41,7 @@ from preprocessing.manifest import (
     rows_by_shard,
     write_manifest,
 )
+from preprocessing.redact import redact
 from preprocessing.shards import (
     DATASET_JSON,
     DatasetInfo,
@@ -64,6 +65,12 @@ __all__ = [
 ]  # fmt: skip
 
 
+def _numerics(cfg: PrecomputeConfig) -> dict[str, object]:
+    """What the encoders' numbers depend on besides the weights: batch composition and the device kind."""
+    on_gpu = cfg.gpus_per_encoder > 0 if cfg.encoder_actors else cfg.gpus_per_worker > 0
+    return {"batch_size": cfg.batch_size, "encoder_device": "cuda" if on_gpu else "cpu"}
+
+
 # -- manifest --------------------------------------------------------------------------------------
 def prepare_dataset(cfg: PrecomputeConfig) -> tuple[list[ManifestRow], DatasetInfo]:
     """Build the manifest and dataset.json once; later runs reuse them (and refuse a different set-up)."""
@@ -81,6 +88,14 @@ def prepare_dataset(cfg: PrecomputeConfig) -> tuple[list[ManifestRow], DatasetIn
                 f"{out} was made with {found} and encoders {info.extra.get('encoders_family')}; this run asks "
                 f"for {wanted} and encoders {cfg.encoders}. Use a new --out for a different set-up."
             )
+        for key, value in _numerics(cfg).items():  # datasets made before these were recorded carry none
+            if key in info.extra and info.extra[key] != value:
+                what = {"batch_size": "--batch-size", "encoder_device": "encoders on"}[key]
+                raise PrecomputeError(
+                    f"{out} was encoded with {what} {info.extra[key]}; this run asks for {value}. Encoder outputs "
+                    f"depend on it (a GPU's kernels differ from a CPU's, batched kernels from unbatched ones), so "
+                    f"one dataset keeps one setting: resume with {what} {info.extra[key]}, or use a new --out."
+                )
         recorded = info.extra.get("input_sha256")
         if recorded and recorded != file_sha256(cfg.input):
             raise PrecomputeError(
@@ -129,7 +144,8 @@ def prepare_dataset(cfg: PrecomputeConfig) -> tuple[list[ManifestRow], DatasetIn
     shards = Counter(split for _shard, split in {(r.shard, r.split) for r in rows})
     info = DatasetInfo(
         preset=cfg.preset,
-        media_root=media_root if "://" in media_root else str(Path(media_root).resolve()),  # a URL as given
+        # a URL as given, but never its credentials (user:password, a signed query): a rerun gives it again
+        media_root=redact(media_root) if "://" in media_root else str(Path(media_root).resolve()),
         encoders=_encoder_description(cfg),
         sequence_lengths={"latent": seq.latent_seq_len, "clip_text": preset.generator.text_seq_len,
                           "sync_frames": seq.sync_num_frames, "audio_samples": seq.num_audio_frames},
@@ -141,7 +157,7 @@ def prepare_dataset(cfg: PrecomputeConfig) -> tuple[list[ManifestRow], DatasetIn
         shards=dict(shards),
         versions=_versions(),
         extra={"encoders_family": cfg.encoders, "input": str(cfg.input), "input_sha256": file_sha256(cfg.input),
-               "frame_size": preset.frame_size},
+               "frame_size": preset.frame_size, **_numerics(cfg)},
     )
     write_dataset_info(out, info)
     return rows, info
@@ -209,6 +225,9 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeReport:
     # this run's --media-root wins over the one recorded at the manifest step (the media moved to
     # shared storage); the manifest's relative paths resolve against it
     media_root = cfg.media_root or info.media_root
+    if not cfg.media_root and "***" in media_root:
+        raise PrecomputeError(f"{cfg.out}/dataset.json records the media root without its credentials "
+                              f"({media_root}): give --media-root with them again to resume")
     remove_stale_temporaries(cfg.out)  # leftovers of a killed run; never a finished file
     by_shard = rows_by_shard(rows)
     todo, done = shards_to_run(cfg, rows)
@@ -227,5 +246,8 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeReport:
         from pipelines.ray_runner import run_on_ray
 
         run_on_ray(cfg, todo, by_shard, report, media_root)
+    # a worker killed mid-write (OOM, lost node) leaves its temporary file; the shard was redone by another,
+    # so a finished dataset holds only finished files, as a clean run's does
+    remove_stale_temporaries(cfg.out)
     refresh_sample_counts(cfg.out)
     return report

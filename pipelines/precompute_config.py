@@ -6,16 +6,24 @@ Apart from the job so that the runner needs nothing of the driver (no import cyc
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from pipelines.shard_processor import ShardResult, WorkerSettings
 from preprocessing.faults import DEFAULT_RETRY_DELAYS
 from preprocessing.media_probe import IO_TIMEOUT_S
+from preprocessing.redact import redact
 
 
 class PrecomputeError(RuntimeError):
     """The job cannot go on (a shard over its failure budget, an encoder error, a bad set-up)."""
+
+
+# Ray's own resources: a custom --encoder-resource may not reuse these names (Ray refuses them with an
+# assertion or a ValueError deep in ray.init / actor options)
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+RAY_BUILTIN_PREFIXES = ("node:", "accelerator_type:")
 
 
 @dataclass(frozen=True)
@@ -51,8 +59,18 @@ class PrecomputeConfig:
             raise PrecomputeError(f"--workers must be at least 1, got {self.workers}")
         if self.encoder_actors < 0:
             raise PrecomputeError(f"--encoder-actors must be 0 (one-stage) or more, got {self.encoder_actors}")
+        shares = {"--gpus-per-worker": self.gpus_per_worker, "--gpus-per-encoder": self.gpus_per_encoder,
+                  "--encoder-cpus": self.encoder_cpus, "--max-failed-fraction": self.max_failed_fraction}
+        for flag, value in shares.items():
+            if not math.isfinite(value):
+                raise PrecomputeError(f"{flag} must be a finite number, got {value}")
         if min(self.gpus_per_worker, self.gpus_per_encoder, self.encoder_cpus) < 0:
             raise PrecomputeError("GPU and CPU shares must not be negative")
+        name = self.encoder_resource
+        if name is not None and (not name.strip() or name in RAY_BUILTIN_RESOURCES
+                                 or name.startswith(RAY_BUILTIN_PREFIXES)):
+            raise PrecomputeError(f"--encoder-resource {name!r} is not a custom resource name ("
+                                  f"{', '.join(RAY_BUILTIN_RESOURCES)} are Ray's own: for GPUs use --gpus-per-encoder)")
         if self.encoder_actors == 0 and (self.gpus_per_encoder or self.encoder_resource):
             raise PrecomputeError("--gpus-per-encoder and --encoder-resource need --encoder-actors N (the two-stage "
                                   "design); the one-stage pool takes --gpus-per-worker")  # fmt: skip
@@ -157,6 +175,7 @@ def config_from_args(args) -> PrecomputeConfig:
 
 
 def as_params(cfg: PrecomputeConfig) -> dict[str, str]:
-    return {k: str(v) for k, v in asdict(cfg).items()}
+    """MLflow params; credentials in a media URL (``https://user:pw@host``) are redacted."""
+    return {k: redact(str(v)) for k, v in asdict(cfg).items()}
 
 

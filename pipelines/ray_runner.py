@@ -37,7 +37,7 @@ from preprocessing.faults import TransientFault
 from preprocessing.manifest import ManifestRow
 from preprocessing.sample import Sample
 from preprocessing.shard_reader import iter_shard
-from preprocessing.shards import ShardError
+from preprocessing.shards import ShardError, ShardMarker, shard_state
 
 # driver environment that workers must see even when Ray was started earlier in the same process
 FORWARDED_ENV = ("SELVA_FAULT_EXIT_SHARD", "SELVA_FAULT_CRASH_CLIP", "SELVA_TEST_DECODE_RENDEZVOUS")
@@ -45,10 +45,20 @@ TEXT_STAGE = "text-stage"  # the fault-injection name of the text stage
 INFRA_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError)
 
 
+def retry_base(dataset_dir: str, shard: str, retry_failed: bool) -> ShardMarker | None:
+    """With ``--retry-failed``, the marker of the earlier attempt whose samples are kept: only a *done*
+    shard's (marker, tar of its size, failures file). A marker whose tar was lost or cut short is no base:
+    the shard is written again from scratch, as a plain rerun does."""
+    if not retry_failed:
+        return None
+    state = shard_state(dataset_dir, shard)
+    return state.marker if state.done else None
+
+
 def kept_samples(dataset_dir: str, shard: str, retry_failed: bool) -> dict[str, Sample]:
     """With ``--retry-failed``, the samples an earlier attempt wrote to ``shard`` (only its recorded
     failures are decoded again); else nothing."""
-    if not (retry_failed and (Path(dataset_dir) / "shards" / f"{shard}.json").exists()):
+    if retry_base(dataset_dir, shard, retry_failed) is None:
         return {}
     return {s.key: Sample(s.meta, s.sync_mp4, s.audio_flac, s.arrays) for s in iter_shard(dataset_dir, shard)}
 
@@ -205,8 +215,24 @@ def init_ray(cfg: PrecomputeConfig) -> None:
         # encoder actors hold theirs besides the decoders'), and the encoder slots a custom resource names
         cpus = cfg.workers + (math.ceil(cfg.encoder_actors * cfg.encoder_cpus) if cfg.encoder_actors else 0)
         resources = {cfg.encoder_resource: cfg.encoder_actors} if cfg.encoder_actors and cfg.encoder_resource else None
-        ray.init(num_cpus=cpus, resources=resources, include_dashboard=False, log_to_driver=True,
+        # address="local": always a new private Ray. Without it ray.init() joins any cluster this machine's
+        # /tmp/ray/ray_current_cluster names (someone else's `ray start --head`) and then refuses num_cpus
+        ray.init(address="local", num_cpus=cpus, resources=resources, include_dashboard=False, log_to_driver=True,
                  logging_level="WARNING")  # fmt: skip
+    _interrupt_on_sigterm()
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (``kill``, a scheduler's stop) ends the driver as Ctrl-C does: the MLflow run is closed as
+    KILLED and "finished work is kept" printed. ray.init installs Ray's own crash handler for SIGTERM, which
+    aborts with a stack dump, so ours goes in after it (driver's main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum, frame) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def _usable_workers(wanted: int, gpus_per_worker: float) -> int:
@@ -221,6 +247,23 @@ def _usable_workers(wanted: int, gpus_per_worker: float) -> int:
         print(f"warning: this process's Ray has {cpus} CPU(s); starting {cpus} worker(s) instead of {wanted}")
         return cpus
     return wanted
+
+
+def check_placeable(per_actor: dict[str, float], count: int, what: str) -> None:
+    """``count`` actors of ``per_actor`` resources against the cluster's totals. This process's own Ray
+    (no ``RAY_ADDRESS``) cannot grow, so a shortfall is a PrecomputeError naming it, where the actors
+    would otherwise wait forever; a cluster may autoscale, so there it is one warning line."""
+    totals = ray.cluster_resources()
+    short = [f"{count * amount:g} {name} (the cluster has {totals.get(name, 0):g})"
+             for name, amount in per_actor.items() if amount and count * amount > totals.get(name, 0) + 1e-9]
+    if not short:
+        return
+    text = f"{count} {what} need {', '.join(short)}"
+    if not os.environ.get("RAY_ADDRESS"):
+        raise PrecomputeError(f"{text}: this machine's Ray cannot provide it (a GPU share needs a GPU here; "
+                              f"without one, leave out the GPU flag to encode on CPU)")
+    print(f"warning: {text}; they wait until the cluster has it (an autoscaler may add nodes; without one "
+          f"this run waits forever: press Ctrl-C and ask for less)", flush=True)
 
 
 def wait_ready(actors: list, notice_s: float = 60.0) -> None:
@@ -282,6 +325,7 @@ def run_on_ray(
     actor_cls = ray.remote(num_cpus=1, num_gpus=cfg.gpus_per_worker)(ShardWorker).options(**options)
     settings = cfg.worker_settings()
     workers = _usable_workers(min(cfg.workers, len(todo)), cfg.gpus_per_worker)
+    check_placeable({"CPU": 1, "GPU": cfg.gpus_per_worker}, workers, "shard workers")
     actors = [actor_cls.remote(settings) for _ in range(workers)]
     every_actor = list(actors)  # replacements included, so all are released at the end
     report.encoder_builds = len(actors)

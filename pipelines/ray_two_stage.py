@@ -33,17 +33,18 @@ from pipelines.precompute_config import PrecomputeConfig, PrecomputeError, Preco
 from pipelines.ray_runner import (
     INFRA_ERRORS,
     ShardWorker,
+    check_placeable,
     connect,
     maybe_crash_on,
     maybe_inject_fault,
     maybe_meet_peers,
+    retry_base,
     run_text_stage,
     shard_error,
     start_pool,
 )
 from pipelines.shard_decode import ClipDecoder, DecodedShard, DecodeSettings
 from preprocessing.manifest import ManifestRow
-from preprocessing.shards import read_marker
 
 
 def decode_task(settings: DecodeSettings, dataset_dir: str, shard: str, rows: list[ManifestRow],
@@ -52,7 +53,7 @@ def decode_task(settings: DecodeSettings, dataset_dir: str, shard: str, rows: li
     task succeeded without fetching the waveforms) and the decoded shard (passed on by reference)."""
     maybe_inject_fault(f"decode-{shard}")
     # --retry-failed: the keys an earlier attempt wrote, from its marker (the encoder actor reads the samples)
-    marker = read_marker(dataset_dir, shard) if retry_failed else None
+    marker = retry_base(dataset_dir, shard, retry_failed)
     skip = frozenset(marker.keys) if marker is not None else frozenset()
 
     def before_clip(row: ManifestRow) -> None:
@@ -91,7 +92,9 @@ def run_two_stage(
     decode_settings = settings.decode_settings()
     out = str(cfg.out)
 
-    actors = [encoder_cls.remote(settings) for _ in range(min(cfg.encoder_actors, len(todo)))]
+    count = min(cfg.encoder_actors, len(todo))
+    check_placeable({"CPU": cfg.encoder_cpus, "GPU": cfg.gpus_per_encoder, **slot}, count, "encoder actors")
+    actors = [encoder_cls.remote(settings) for _ in range(count)]
     every_actor = list(actors)
     report.encoder_builds = len(actors)
     queue: deque[str] = deque(todo)
@@ -104,11 +107,15 @@ def run_two_stage(
                dynamic_ncols=True)  # fmt: skip
     ahead = cfg.workers + 2 * len(actors)  # decoded or decoding shards allowed at once
 
-    def new_actor():
+    starting: dict[ray.ObjectRef, object] = {}  # ready() ref -> replacement actor not yet able to take work
+
+    def new_actor() -> None:
+        """Start a replacement; it takes shards only once ready (a node lost with its actor may leave the
+        replacement unplaceable for a while: the shard it would have held goes to a live actor meanwhile)."""
         actor = encoder_cls.remote(settings)
         every_actor.append(actor)
         report.encoder_builds += 1
-        return actor
+        starting[actor.ready.remote()] = actor
 
     run_started = time.perf_counter()
     try:
@@ -155,10 +162,27 @@ def run_two_stage(
                 actor = idle.pop()
                 ref = actor.write_decoded.remote(out, by_shard[shard], cfg.retry_failed, payload)
                 encoding[ref] = _Encoding(shard, actor, payload)
-            if not decoding and not encoding:
+            if not decoding and not encoding and not (waiting and starting):
                 break
-            ready, _ = ray.wait([*decoding, *encoding], num_returns=1)
+            ready, _ = ray.wait([*decoding, *encoding, *starting], num_returns=1, timeout=60.0)
+            if not ready:  # only replacements can take the waiting shards, and none has started yet
+                free = ray.available_resources()
+                bar.write(f"waiting for {len(starting)} replacement encoder actor(s) to start, {len(waiting)} decoded "
+                          f"shard(s) queued (free now: {free.get('CPU', 0):g} CPU, {free.get('GPU', 0):g} GPU"
+                          + (f", {free.get(cfg.encoder_resource, 0):g} {cfg.encoder_resource}" if cfg.encoder_resource
+                             else "") + ")")  # fmt: skip
+                continue
             ref = ready[0]
+            if ref in starting:
+                actor = starting.pop(ref)
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError as err:
+                    ray.kill(actor, no_restart=True)
+                    stop(PrecomputeError(f"a replacement encoder actor could not start: {err}"))
+                    continue
+                idle.append(actor)
+                continue
             if ref in decoding:
                 shard, payload = decoding.pop(ref)
                 try:
@@ -189,7 +213,7 @@ def run_two_stage(
                 result = ray.get(ref)
             except ray.exceptions.RayActorError as err:
                 ray.kill(job.actor, no_restart=True)
-                idle.append(new_actor())
+                new_actor()
                 if infra_retry(job.shard, err) and stopping is None:
                     bar.write(f"{job.shard}: encoder actor died ({type(err).__name__}); writing it on a new one")
                     waiting.appendleft((job.shard, job.decoded))
@@ -214,6 +238,7 @@ def run_two_stage(
         bar.close()
         for ref in [*decoding, *encoding]:
             ray.cancel(ref)
+        starting.clear()
         for actor in every_actor:
             ray.kill(actor, no_restart=True)
         report.run_seconds = time.perf_counter() - run_started

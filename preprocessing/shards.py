@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from preprocessing.latent_stats import LatentMoments, split_statistics
+from preprocessing.redact import redact
 from preprocessing.sample import ARRAY_FIELDS, MEDIA_FIELDS, OPTIONAL_ARRAY_FIELDS
 
 FORMAT_VERSION = 1
@@ -353,6 +354,8 @@ def write_failures(dataset_dir: str | Path, shard: str, failures: list[Failure])
     types = {"row": pa.int64(), "line": pa.int64()}
     schema = pa.schema([(name, types.get(name, pa.string())) for name in FAILURE_COLUMNS])
     columns = {name: [getattr(f, name) for f in failures] for name in FAILURE_COLUMNS}
+    # a decoder's message may quote a media URL with user:password or a signed query: never stored
+    columns["message"] = [redact(m) if m else m for m in columns["message"]]
     _write_parquet(failures_path(dataset_dir, shard), columns, schema)
 
 
@@ -363,7 +366,9 @@ def write_input_failures(dataset_dir: str | Path, failures: list[InputFailure]) 
     names = [f.name for f in fields(InputFailure)]
     ints = {"row", "line", "collides_with_row", "collides_with_line"}
     schema = pa.schema([(name, pa.int64() if name in ints else pa.string()) for name in names])
-    _write_parquet(input_failures_path(dataset_dir), {n: [getattr(f, n) for f in failures] for n in names}, schema)
+    columns = {n: [getattr(f, n) for f in failures] for n in names}
+    columns = {n: [redact(v) if isinstance(v, str) else v for v in values] for n, values in columns.items()}
+    _write_parquet(input_failures_path(dataset_dir), columns, schema)
 
 
 def read_input_failures(dataset_dir: str | Path) -> list[InputFailure]:

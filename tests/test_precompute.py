@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -378,3 +379,67 @@ def test_the_trainer_trains_on_what_precompute_wrote(clean_run, tmp_path):
     state = json.loads((out / "checkpoints" / "step-00000003" / "trainer-rank00000.json").read_text())
     assert len(state["losses"]) == 3 and all(0 < x < 100 for x in state["losses"])
     assert (out / "final" / "generator.safetensors").is_file()
+
+
+@pytest.mark.parametrize("design", [(), ("--encoder-actors", "1")], ids=["one-stage", "two-stage"])
+def test_retry_failed_rewrites_a_shard_whose_tar_was_lost(clean_run, inputs, tmp_path, design):
+    """A marker whose tar is gone is no base to keep samples from: --retry-failed writes that shard again
+    from scratch (as a plain rerun does), in both designs, to the clean run's bytes."""
+    out = tmp_path / "lost"
+    shutil.copytree(clean_run, out)
+    shard = next(s for s in done_and_missing(out)[0] if read_marker(out, s).num_failed)  # one retry would touch
+    (out / "shards" / f"{shard}.tar").unlink()
+    assert main(_args(inputs, out, "--retry-failed", *design)) == 0
+    assert _shard_files(out) == _shard_files(clean_run)
+
+
+def test_a_resume_with_another_batch_size_or_device_is_refused(clean_run, inputs, tmp_path, capsys):
+    """Encoder outputs may depend on batch composition and device kind: one dataset keeps one setting."""
+    out = tmp_path / "other-batch"
+    shutil.copytree(clean_run, out)
+    assert main(_args(inputs, out, "--batch-size", "5")) == 1
+    err = capsys.readouterr().err
+    assert "was encoded with --batch-size 16; this run asks for 5" in err and "Traceback" not in err
+    assert main(_args(inputs, out, "--gpus-per-worker", "1")) == 1
+    assert "was encoded with encoders on cpu; this run asks for cuda" in capsys.readouterr().err
+    assert _shard_files(out) == _shard_files(clean_run)  # nothing was touched
+
+
+def test_credentials_in_a_media_url_are_never_stored(inputs, tmp_path, capsys):
+    """user:password in --media-root reaches no file and no MLflow param; a rerun must give it again."""
+    from pipelines.precompute import PrecomputeConfig, PrecomputeError, as_params, prepare_dataset, run_precompute
+    from preprocessing.shards import Failure, read_failures, write_failures
+
+    url = "https://alice:s3cret@media.invalid/clips/"
+    out = tmp_path / "url"
+    cfg = PrecomputeConfig(input=str(inputs), out=str(out), media_root=url, samples_per_shard=3,
+                           max_failed_fraction=1.0, progress=False)
+    prepare_dataset(cfg)
+    stored = (out / "dataset.json").read_text()
+    assert "s3cret" not in stored and "https://***@media.invalid/clips/" in stored
+    assert not any("s3cret" in v for v in as_params(cfg).values())
+    with pytest.raises(PrecomputeError, match="without its credentials"):
+        run_precompute(replace(cfg, media_root=None))
+    write_failures(out, "train-000000", [Failure("k", "s", "undecodable", f"cannot open {url}a.mp4?token=abc")])
+    assert read_failures(out, "train-000000")[0].message == "cannot open https://***@media.invalid/clips/a.mp4?token=***"
+
+
+@pytest.mark.parametrize(("flags", "says"), [
+    (("--encoder-actors", "1", "--encoder-resource", "GPU"), "is not a custom resource name"),
+    (("--encoder-actors", "1", "--encoder-resource", "node:10.0.0.1"), "is not a custom resource name"),
+    (("--encoder-actors", "1", "--encoder-cpus", "nan"), "--encoder-cpus must be a finite number"),
+    (("--encoder-actors", "1", "--gpus-per-encoder", "inf"), "--gpus-per-encoder must be a finite number"),
+])
+def test_impossible_encoder_settings_are_one_line_before_any_work(inputs, tmp_path, capsys, flags, says):
+    out = tmp_path / "bad"
+    assert main(_args(inputs, out, *flags)) != 0
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err and not out.exists()
+
+
+def test_actors_this_machine_cannot_place_stop_the_job_instead_of_waiting(clean_run, inputs, tmp_path, capsys):
+    """A GPU share on a machine without one (this process's own Ray cannot grow): one line, no hang."""
+    out = tmp_path / "nogpu"
+    assert main(_args(inputs, out, "--encoder-actors", "1", "--gpus-per-encoder", "1")) == 1
+    err = capsys.readouterr().err
+    assert "1 encoder actors need 1 GPU (the cluster has 0)" in err and "this machine's Ray cannot provide it" in err

@@ -87,3 +87,24 @@ def test_two_stage_on_two_nodes_builds_encoders_per_slot_and_writes_the_one_stag
     assert report.encode_batches == {2: len(shards) - 1, 1: 1}
     assert report.clip_crashes == cfg.max_clip_crashes and dict(report.failures_by_reason) == {"crashes_worker": 1}
     assert_identical(one_stage, out)
+
+
+def test_a_laptop_run_beside_someone_elses_ray_head_starts_its_own_ray(table, cluster, tmp_path):
+    """Without RAY_ADDRESS, ``selva precompute`` runs on a private Ray even while another Ray cluster runs on
+    this machine (here the test's, whose address Ray records in /tmp/ray): it does not join it."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.train_launch import REPO, explain, job_env
+
+    env = {k: v for k, v in job_env().items() if k != "RAY_ADDRESS"}
+    out = tmp_path / "private"
+    cmd = [sys.executable, "-m", "selva_cli.main", "precompute", "--input", str(table), "--media-root",
+           str(table.parent / "media"), "--out", str(out), "--workers", "1", "--samples-per-shard", "8",
+           "--no-progress"]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, explain(result)
+    assert "must not be provided" not in result.stderr and "Traceback" not in result.stderr
+    assert len(read_manifest(out / "manifest.parquet")) == len(CLIPS)
+    assert "RAY_ADDRESS" not in os.environ  # the cluster fixture connects by address, never through the variable

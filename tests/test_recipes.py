@@ -548,7 +548,7 @@ def _mlflow_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize("host", ["0.0.0.0", "::"])
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "[::]", "0", "::0", "0:0:0:0:0:0:0:0", "0x0", " 0.0.0.0"])
 def test_mlflow_server_script_refuses_to_listen_on_every_interface(tmp_path, host):
     result = subprocess.run(["bash", str(MLFLOW_SH)], env=_mlflow_env(tmp_path, MLFLOW_HOST=host),
                             capture_output=True, text=True, timeout=30)

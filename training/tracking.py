@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.redact import redact
+from preprocessing.redact import redact
 from training.tracking_client import DatasetSpec, ParamChange, RunClient
 
 # MLflow's own names; the values are ours and apply only where the environment has none

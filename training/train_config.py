@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from training.redact import redact
+from preprocessing.redact import redact
 
 
 class ConfigError(ValueError):

@@ -33,13 +33,26 @@ set -euo pipefail
 export MLFLOW_BACKEND_STORE_URI MLFLOW_ARTIFACTS_DESTINATION  # read by `mlflow server`: not on its command line
 
 host=${MLFLOW_HOST:-127.0.0.1}
-case "$host" in
-    0.0.0.0 | :: | "[::]" | "")
-        echo "error: MLFLOW_HOST=$host would listen on every interface: give this host's private IP," \
-            "or keep 127.0.0.1 behind a TLS reverse proxy" >&2
-        exit 2
-        ;;
-esac
+# Every spelling of "all interfaces" is refused (0.0.0.0, ::, but also 0, ::0, 0:0:0:0:0:0:0:0, 0x0...): the
+# name is resolved as the server's bind would resolve it, and any unspecified address among the results
+# stops the script. A name that does not resolve is left to mlflow, which then cannot bind either.
+if [[ -z $host ]] || ! "${PYTHON:-python3}" - "$host" <<'PY'
+import ipaddress
+import socket
+import sys
+
+name = sys.argv[1].strip().strip("[]")
+try:
+    found = {info[4][0] for info in socket.getaddrinfo(name, None)}
+except (socket.gaierror, UnicodeError):
+    sys.exit(0)
+sys.exit(1 if any(ipaddress.ip_address(a.split("%")[0]).is_unspecified for a in found) else 0)
+PY
+then
+    echo "error: MLFLOW_HOST=$host would listen on every interface: give this host's private IP," \
+        "or keep 127.0.0.1 behind a TLS reverse proxy" >&2
+    exit 2
+fi
 
 if [[ -n ${MLFLOW_AUTH_ADMIN_PASSWORD_FILE:-} ]]; then
     MLFLOW_AUTH_ADMIN_PASSWORD=$(<"$MLFLOW_AUTH_ADMIN_PASSWORD_FILE")

@@ -16,6 +16,7 @@ from pipelines.precompute import (
     resolved,
 )
 from preprocessing.shards import DATASET_JSON
+from selva.presets import PRESETS
 from training.tracking import Tracker, TrackingConfig, default_uri
 
 EXPERIMENT = "selva-precompute"
@@ -42,7 +43,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="TSV/CSV/Parquet with id and label|caption (VGGSound lists as-is)")
     p.add_argument("--media-root", dest="media_root", help="folder of <id>.mp4 files (default: the table's folder)")
     p.add_argument("--out", required=True, help="dataset folder to create or resume")
-    p.add_argument("--preset", default="tiny", choices=["tiny", "small_16k"], help="model preset (default tiny)")
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS),
+                   help="model preset (default tiny); its clip length, frame size and audio rate (16 or 44.1 kHz) "
+                        "shape the dataset: small/medium/large_44k share one")
     p.add_argument("--encoders", default="embedded", choices=["embedded", "official"],
                    help="frozen encoder family (default embedded: no downloads)")
     p.add_argument("--weights", help="official weights folder (docs/weights.md); needed with --encoders official")
@@ -84,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
     if cfg.encoders == "official":
         from selva.weights import PRECOMPUTE_ROLES, MissingWeightsError, require
 
+        if not PRESETS[cfg.preset].released:
+            print(f"error: preset {cfg.preset} is not a released size: the official encoders do not fit its widths; "
+                  f"use --encoders embedded, or small_16k / small_44k / medium_44k / large_44k", file=sys.stderr)
+            return 2
         try:  # before any work: a missing file is named now, not after an hour of decoding
             require(cfg.weights, PRECOMPUTE_ROLES, cfg.preset)
         except MissingWeightsError as err:

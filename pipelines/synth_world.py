@@ -98,6 +98,10 @@ def write_synth(out: str | Path, options: SynthOptions = SynthOptions(), spec: W
 
     if options.clips < 2 or options.test_clips < 2 or not 0 < options.val_fraction < 1:
         raise SynthError(f"need clips >= 2, test_clips >= 2 and 0 < val_fraction < 1; got {options}")
+    try:  # before anything is written: a folder must never record options that cannot run
+        get_preset(options.preset)
+    except KeyError as err:
+        raise SynthError(str(err.args[0])) from None
     spec = replace(spec or WorldSpec(), seed=options.seed, preset=options.preset)
     out = Path(out)
     record = {"options": asdict(options), "spec": asdict(spec)}
@@ -121,7 +125,8 @@ def write_synth(out: str | Path, options: SynthOptions = SynthOptions(), spec: W
     preset = get_preset(spec.preset)
     built = build_benchmark(test_table, out / "test" / "benchmark",
                             BuildOptions(duration=preset.duration, seed=options.seed, partners=options.partners,
-                                         frame_size=preset.frame_size, reciprocal=True),
+                                         frame_size=preset.frame_size, reciprocal=True,
+                                         sample_rate=preset.sampling_rate),  # references at the model's rate
                             log=lambda line: None)  # fmt: skip
     if built.rejected:  # the world's clips are all good: a rejection is a defect here, not bad data
         raise RuntimeError(f"benchmark build rejected synthetic clips: {built.rejected[0]}")

@@ -77,12 +77,15 @@ def _print_info(info: MediaInfo, out: Out) -> None:
         out(f"  {describe_stream(stream, used=stream.kind != 'video' or stream.index == info.video_index)}")
 
 
-def inspect_file(path: Path, *, start: float, duration: float, frame_size: int, out: Out = print) -> str:
-    """Print one media file's facts and verdict; returns "ok" or the rejection reason."""
+def inspect_file(path: Path, *, start: float, duration: float, frame_size: int, out: Out = print,
+                 sample_rate: int = 16_000, spectrogram_frame_rate: int = 256) -> str:
+    """Print one media file's facts and verdict (decoded at the preset's audio rate, as precompute does);
+    returns "ok" or the rejection reason."""
     out(str(path))
     try:
         _print_info(probe(path), out)
-        clip = decode_clip(path, start=start, duration=duration, frame_size=frame_size)
+        clip = decode_clip(path, start=start, duration=duration, frame_size=frame_size, sample_rate=sample_rate,
+                           spectrogram_frame_rate=spectrogram_frame_rate)
     except Rejected as rej:
         out(f"  result: {rej.reason.value}: {rej.message}")
         return rej.reason.value
@@ -121,7 +124,7 @@ def run(args: argparse.Namespace, out: Out = print) -> int:
         return 2
     out(
         f"preset {preset.name}: {duration:g} s from {args.start:g} s, frames {preset.frame_size}x{preset.frame_size} "
-        "at 25 fps, audio 16 kHz mono"
+        f"at 25 fps, audio {preset.sampling_rate / 1000:g} kHz mono"
     )
     verdicts: Counter[str] = Counter()
     unanswered = 0
@@ -133,7 +136,10 @@ def run(args: argparse.Namespace, out: Out = print) -> int:
                 verdicts["dataset"] += 1
             else:
                 size = preset.frame_size
-                verdicts[inspect_file(path, start=args.start, duration=duration, frame_size=size, out=out)] += 1
+                seq = preset.seq
+                verdicts[inspect_file(path, start=args.start, duration=duration, frame_size=size, out=out,
+                                      sample_rate=seq.sampling_rate,
+                                      spectrogram_frame_rate=seq.spectrogram_frame_rate)] += 1
         except Exception as err:  # noqa: BLE001 - one bad path must not hide the answers for the others
             out(f"{path}: could not inspect: {type(err).__name__}: {err}")
             unanswered += 1

@@ -65,8 +65,8 @@ _SIZES_44K = ("small", "medium", "large")
 
 
 def official_files(preset: str = DEFAULT_PRESET) -> dict[str, WeightFile]:
-    """The layout for one model preset: ``OFFICIAL_FILES`` for ``small_16k`` (and the tiny presets, which
-    load no official generator), with the 44.1 kHz presets' own generators, VAE and vocoder."""
+    """The layout for one model preset: ``OFFICIAL_FILES`` for ``small_16k`` (and ``tiny``, whose export takes
+    its names), with the 44.1 kHz presets' own generators, VAE and vocoder (``tiny_44k``: the small ones)."""
     size, _, rate = preset.partition("_")
     if rate != "44k":
         return dict(OFFICIAL_FILES)
@@ -76,10 +76,12 @@ def official_files(preset: str = DEFAULT_PRESET) -> dict[str, WeightFile]:
         "vocoder": WeightFile("ext_weights/bigvgan_v2_44khz_128band_512x/bigvgan_generator.pt",
                               "NVIDIA BigVGAN v2 44.1 kHz vocoder (bigvgan_v2_44khz_128band_512x)"),
     }
-    if size in _SIZES_44K:  # the released generators; a tiny_44k model has none
-        files["selva_generator"] = WeightFile(f"weights/generator_{size}_44k_sup_5.pth",
-                                              f"SELVA generator ({size} 44.1 kHz)")
-        files["mmaudio_generator"] = WeightFile(f"weights/mmaudio_{size}_44k.pth", f"MMAudio {size} 44.1 kHz generator")
+    # the released generators' names; a tiny_44k export is written under the small ones (its shapes are its
+    # own, as tiny's export uses the small_16k names: weights/README.txt says so)
+    size = size if size in _SIZES_44K else "small"
+    files["selva_generator"] = WeightFile(f"weights/generator_{size}_44k_sup_5.pth",
+                                          f"SELVA generator ({size} 44.1 kHz)")
+    files["mmaudio_generator"] = WeightFile(f"weights/mmaudio_{size}_44k.pth", f"MMAudio {size} 44.1 kHz generator")
     return files
 
 

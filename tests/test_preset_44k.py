@@ -25,15 +25,17 @@ DURATION, RATE, LATENTS = 2.0, 44_100, 87  # ceil(2 * 44100 / 512 / 2)
 
 @pytest.fixture(scope="module")
 def dataset_44k(tmp_path_factory) -> Path:
-    from pipelines.precompute import PrecomputeConfig, run_precompute
     from pipelines.synth_world import SynthOptions, write_synth
+    from preprocessing.shards import read_dataset_info
+    from selva_cli.main import main
 
     root = tmp_path_factory.mktemp("preset-44k")
     write_synth(root / "world", SynthOptions(clips=4, test_clips=2, preset="tiny_44k"))
-    report = run_precompute(PrecomputeConfig(input=str(root / "world" / "clips.tsv"), out=str(root / "dataset"),
-                                             preset="tiny_44k", workers=1, samples_per_shard=4, progress=False,
-                                             max_failed_fraction=0.0))  # fmt: skip
-    assert report.ok == 4 and report.failed == 0
+    # the command a user runs (its --preset choices are every preset's)
+    assert main(["precompute", "--input", str(root / "world" / "clips.tsv"), "--out", str(root / "dataset"),
+                 "--preset", "tiny_44k", "--workers", "1", "--samples-per-shard", "4", "--no-progress",
+                 "--max-failed-fraction", "0"]) == 0
+    assert sum(split["ok"] for split in read_dataset_info(root / "dataset").samples.values()) == 4
     return root / "dataset"
 
 
@@ -42,6 +44,20 @@ def _flac(data: bytes) -> tuple[int, np.ndarray]:
         rate = container.streams.audio[0].codec_context.sample_rate
         wave = np.concatenate([f.to_ndarray().reshape(-1) for f in container.decode(audio=0)])
     return rate, wave
+
+
+def test_the_world_its_benchmark_and_inspect_are_at_44k(dataset_44k: Path, capsys) -> None:
+    """The synthetic world's clips, its held-out benchmark's references and ``selva inspect`` all at 44.1 kHz."""
+    from selva_cli.main import main
+
+    world = dataset_44k.parent / "world"
+    targets = sorted((world / "test" / "benchmark").glob("*/target_audio/*.flac"))
+    assert targets and all(_flac(p.read_bytes())[0] == RATE for p in targets)
+    assert all(_flac(p.read_bytes())[1].size == round(DURATION * RATE) for p in targets)
+    capsys.readouterr()
+    assert main(["inspect", "--preset", "tiny_44k", str(world / "clips" / "world000000.mp4")]) == 0
+    printed = capsys.readouterr().out
+    assert "audio 44.1 kHz mono" in printed and f"{LATENTS * 1024} samples at {RATE} Hz" in printed
 
 
 def test_precompute_writes_44k_audio_and_latents(dataset_44k: Path) -> None:
@@ -143,3 +159,19 @@ def test_the_44k_weights_layout_and_its_errors(tmp_path: Path) -> None:
     assert "v1-16.pth" not in text and "best_netG.pt" not in text
     with pytest.raises(ValueError, match="tiny_44k is not a released size"):
         build_encoders("official", TINY_44K, tmp_path)
+
+
+def test_generate_names_every_missing_file_of_an_official_folder_before_loading(tmp_path: Path) -> None:
+    from training.generate import GenerationError, load_model
+
+    folder = tmp_path / "release"
+    (folder / "weights").mkdir(parents=True)
+    (folder / "weights" / "generator_large_44k_sup_5.pth").write_bytes(b"")  # nothing is read before the check
+    with pytest.raises(GenerationError) as err:
+        load_model(folder, preset="large_44k")
+    text = str(err.value)
+    for missing in ("weights/video_enc_sup_5.pth", "ext_weights/v1-44.pth",
+                    "ext_weights/bigvgan_v2_44khz_128band_512x/bigvgan_generator.pt", "flan-t5-base",
+                    "clip-vit-h-14-384"):
+        assert f"{missing} is missing" in text
+    assert "generator_large_44k_sup_5.pth is missing" not in text

@@ -31,3 +31,11 @@ def test_check_reference_44k_passes_every_small_and_audio_vector(reference_44k_d
     # means the sync upsampling picked each dtype's own frames
     runs = {line.split()[3] for line in lines if line.split()[1] == "generator/small44_A_t030_t090"}
     assert runs == {"float32", "float64"}, out
+
+
+def test_cases_patterns_that_select_nothing_are_errors(reference_44k_dir, capsys):
+    """An empty --cases would otherwise check everything (the large float64 runs: ~15 GB), a typo less."""
+    assert main(["check-reference", str(reference_44k_dir), "--cases", " , "]) == 2
+    assert "--cases needs at least one pattern" in capsys.readouterr().out
+    assert main(["check-reference", str(reference_44k_dir), "--cases", "sequence_config/44k_8s,nomatch"]) == 1
+    assert "'nomatch' match no selected case" in capsys.readouterr().out

@@ -234,7 +234,8 @@ def build_benchmark(
     """Build the benchmark of ``table``'s clips into ``out`` (see the module doc); ``log`` gets one
     line per rejected row and per subset."""
     if options.sample_rate < 8_000:
-        raise BenchmarkError(f"--sample-rate {options.sample_rate} Hz is not a rate a model uses (16000 or 44100)")
+        raise BenchmarkError(f"--sample-rate must be at least 8000 Hz (the models use 16000 or 44100); "
+                             f"got {options.sample_rate}")
     if not options.duration > 0 or options.frame_size <= 0 or options.frame_size % 2 or options.partners < 1:
         raise BenchmarkError(f"need duration > 0, an even frame size > 0 and partners >= 1; got {options.duration}, "
                              f"{options.frame_size}, {options.partners}")

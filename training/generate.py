@@ -121,6 +121,20 @@ def load_model(checkpoint: str | os.PathLike, *, weights: str | os.PathLike | No
         if not preset_obj.released:
             raise GenerationError(f"--preset {preset_obj.name} has no released weights; an official folder holds "
                                   f"small_16k, small_44k, medium_44k or large_44k")
+        from selva.weights import GENERATE_ROLES, MissingWeightsError, official_path, require
+
+        models = ("selva_generator", "textsynch")  # in --checkpoint; the encoders in --weights when given
+        # a weights folder (one of its model files is there): every file of the job checked, each missing one
+        # named, before any is loaded; a folder of neither kind gets load_export's one line below
+        if any(official_path(path, role, preset_obj.name).is_file() for role in models):
+            problems = []
+            for folder, roles in ((path, models), (weights_dir, [r for r in GENERATE_ROLES if r not in models])):
+                try:
+                    require(folder, roles, preset_obj.name)
+                except MissingWeightsError as err:
+                    problems.append(str(err))
+            if problems:
+                raise GenerationError("\n".join(problems))
     try:
         textsynch, generator = load_export(path, preset_obj)
     except ExportPathError as err:

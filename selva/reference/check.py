@@ -333,7 +333,15 @@ def check_directory(
         return 2
     salt = str(data.get("weight_salt", ""))
     cases = [c for c in data["cases"] if only is None or (isinstance(c, dict) and c.get("component") in only)]
-    if case_patterns:
+    if case_patterns is not None:
+        if not case_patterns:
+            out("error: --cases needs at least one pattern (e.g. 'generator/small44_*')")
+            return 2
+        idle = [p for p in case_patterns if not any(fnmatch.fnmatchcase(str(c.get("id")), p) for c in cases
+                                                    if isinstance(c, dict))]
+        if idle:  # a typo would otherwise silently check less than asked
+            out(f"error: --cases pattern(s) {', '.join(map(repr, idle))} match no selected case of {directory}")
+            return 1
         cases = [c for c in cases if isinstance(c, dict)
                  and any(fnmatch.fnmatchcase(str(c.get("id")), pattern) for pattern in case_patterns)]
     out(
@@ -366,7 +374,7 @@ def _only_arg(text: str) -> set[str]:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    patterns = [p.strip() for p in (args.cases or "").split(",") if p.strip()] or None
+    patterns = None if args.cases is None else [p.strip() for p in args.cases.split(",") if p.strip()]
     return check_directory(args.directory, args.only, show_traceback=args.traceback, case_patterns=patterns)
 
 

@@ -213,6 +213,8 @@ def test_ranks_split_the_list_and_batches_do_not_change_the_items(model, tmp_pat
     reports = [run_items(model, items, tmp_path / "two", steps=4, seed=1, batch_size=2, rank=r, world_size=2)
                for r in (0, 1)]
     assert [r.generated for r in reports] == [2, 1] and reports[1].failed == {"missing_file": 1}
+    # one line per failed item, its reason said once ("KEY: missing_file: MESSAGE")
+    assert len(reports[1].failures) == 1 and reports[1].failures[0].count("missing_file") == 1
     single = run_items(model, items[:3], tmp_path / "one", steps=4, seed=1, batch_size=1)
     assert single.generated == 3
     # the table's negative column reaches the sampler: c1 alone in its batch is the library call with it, bit

@@ -206,6 +206,35 @@ def test_sigkill_then_rerun_equals_a_clean_run(clean_run, inputs, tmp_path, caps
     assert leftovers == []
 
 
+def test_sigterm_ends_the_driver_like_ctrl_c_and_a_rerun_finishes(clean_run, inputs, tmp_path):
+    """``kill`` (SIGTERM) on the driver: the finished-work line and exit 130, as Ctrl-C, not Ray's crash
+    handler's stack dump; the MLflow run is closed as KILLED; a rerun completes to the clean run's bytes."""
+    out = tmp_path / "terminated"
+    cmd = [sys.executable, "-m", "selva_cli.main", *_args(inputs, out, "--workers", "1", "--mlflow")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # the store in the dataset folder
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(out.glob("shards/*.json")):
+            assert proc.poll() is None, "the job finished before it could be stopped"
+            assert time.monotonic() < deadline, "no shard finished in time"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # the driver only, as `kill PID` or a scheduler's stop does
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted; finished work is kept" in err and "SIGTERM received" not in err, err[-2000:]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.status for r in runs] == ["KILLED"]
+    assert main(_args(inputs, out)) == 0
+    assert _shard_files(out) == _shard_files(clean_run)
+
+
 def test_what_training_reads_from_the_dataset(clean_run):
     from selva.presets import TINY
     from selva.text import build_text_encoders

@@ -214,7 +214,8 @@ def run_items(
         except Exception as err:  # noqa: BLE001 - one item's failure, whatever it is, must not end a 15k-item run
             if len(batch) == 1:
                 kind = err.reason.value if isinstance(err, Rejected) else type(err).__name__
-                message = str(err).splitlines()[0] if str(err) else type(err).__name__
+                text = err.message if isinstance(err, Rejected) else str(err)  # a Rejected's str repeats its kind
+                message = text.splitlines()[0] if text else type(err).__name__
                 _record_failure(out, batch[0], kind, message)
                 report.failed[kind] += 1
                 report.failures.append(f"{batch[0].key}: {kind}: {message}")

@@ -266,20 +266,23 @@ def check_placeable(per_actor: dict[str, float], count: int, what: str) -> None:
           f"this run waits forever: press Ctrl-C and ask for less)", flush=True)
 
 
-def wait_ready(actors: list, notice_s: float = 60.0) -> None:
+def free_now(custom: str | None = None) -> str:
+    """``free now: 3 CPU, 0 GPU[, 1 encoder_slot]``: what an actor that waits to start is waiting for."""
+    free = ray.available_resources()
+    names = ["CPU", "GPU", *([custom] if custom else [])]
+    return "free now: " + ", ".join(f"{free.get(name, 0):g} {name}" for name in names)
+
+
+def wait_ready(actors: list, notice_s: float = 60.0, custom: str | None = None) -> None:
     """Wait until every actor has loaded its encoders; every ``notice_s`` say how many still wait (a
-    cluster short of free CPUs or GPUs leaves actors pending, silently otherwise). Raises
-    ``RayActorError`` for an actor that failed to start."""
+    cluster short of free CPUs, GPUs or the ``custom`` resource leaves actors pending, silently
+    otherwise). Raises ``RayActorError`` for an actor that failed to start."""
     pending = [actor.ready.remote() for actor in actors]
     while pending:
         done, pending = ray.wait(pending, num_returns=len(pending), timeout=notice_s)
         ray.get(done)
         if pending:
-            free = ray.available_resources()
-            print(
-                f"waiting for {len(pending)} of {len(actors)} workers to start (free now: "
-                f"{free.get('CPU', 0):g} CPU, {free.get('GPU', 0):g} GPU)"
-            )
+            print(f"waiting for {len(pending)} of {len(actors)} workers to start ({free_now(custom)})")
 
 
 def connect(cfg: PrecomputeConfig, report: PrecomputeReport) -> dict:
@@ -293,14 +296,14 @@ def connect(cfg: PrecomputeConfig, report: PrecomputeReport) -> dict:
 
 
 def start_pool(actors: list, every_actor: list, make_actor: Callable[[], object], report: PrecomputeReport,
-               what: str) -> Callable[[list], list]:
+               what: str, custom: str | None = None) -> Callable[[list], list]:
     """Wait for ``actors`` to load their encoders (reported apart from the steady-state run; a broken
     encoder set-up fails here, before any shard starts) and return the function that replaces dead
     actors with fresh, ready ones (each counted in ``report.encoder_builds`` and kept in ``every_actor``
     so that all are released at the end)."""
     started = time.perf_counter()
     try:
-        wait_ready(actors)
+        wait_ready(actors, custom=custom)
     except ray.exceptions.RayActorError as err:
         raise PrecomputeError(f"{what} could not start (encoder set-up failed?): {err}") from None
     report.worker_start_seconds = time.perf_counter() - started
@@ -311,7 +314,7 @@ def start_pool(actors: list, every_actor: list, make_actor: Callable[[], object]
         fresh = [make_actor() for _ in dead]
         every_actor.extend(fresh)
         report.encoder_builds += len(fresh)
-        wait_ready(fresh)
+        wait_ready(fresh, custom=custom)
         return fresh
 
     return replace_actors

@@ -35,6 +35,7 @@ from pipelines.ray_runner import (
     ShardWorker,
     check_placeable,
     connect,
+    free_now,
     maybe_crash_on,
     maybe_inject_fault,
     maybe_meet_peers,
@@ -120,7 +121,7 @@ def run_two_stage(
     run_started = time.perf_counter()
     try:
         replace_actors = start_pool(actors, every_actor, lambda: encoder_cls.remote(settings), report,
-                                    "encoder actors")
+                                    "encoder actors", cfg.encoder_resource)
 
         rows = [row for shard in todo for row in by_shard[shard]]
         idle = list(run_text_stage(cfg, actors, rows, report, replace_actors))
@@ -165,12 +166,10 @@ def run_two_stage(
             if not decoding and not encoding and not (waiting and starting):
                 break
             ready, _ = ray.wait([*decoding, *encoding, *starting], num_returns=1, timeout=60.0)
-            if not ready:  # only replacements can take the waiting shards, and none has started yet
-                free = ray.available_resources()
-                bar.write(f"waiting for {len(starting)} replacement encoder actor(s) to start, {len(waiting)} decoded "
-                          f"shard(s) queued (free now: {free.get('CPU', 0):g} CPU, {free.get('GPU', 0):g} GPU"
-                          + (f", {free.get(cfg.encoder_resource, 0):g} {cfg.encoder_resource}" if cfg.encoder_resource
-                             else "") + ")")  # fmt: skip
+            if not ready:  # a minute without news: long decodes are normal, replacements that cannot start are not
+                if starting and waiting and not idle:
+                    bar.write(f"waiting for {len(starting)} replacement encoder actor(s) to start, {len(waiting)} "
+                              f"decoded shard(s) queued ({free_now(cfg.encoder_resource)})")
                 continue
             ref = ready[0]
             if ref in starting:

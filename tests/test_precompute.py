@@ -467,8 +467,9 @@ def test_impossible_encoder_settings_are_one_line_before_any_work(inputs, tmp_pa
 
 
 def test_actors_this_machine_cannot_place_stop_the_job_instead_of_waiting(clean_run, inputs, tmp_path, capsys):
-    """A GPU share on a machine without one (this process's own Ray cannot grow): one line, no hang."""
+    """More GPUs than this machine has (this process's own Ray cannot grow): one line, no hang. 1000 per actor,
+    so that the test means the same on a machine with GPUs."""
     out = tmp_path / "nogpu"
-    assert main(_args(inputs, out, "--encoder-actors", "1", "--gpus-per-encoder", "1")) == 1
+    assert main(_args(inputs, out, "--encoder-actors", "1", "--gpus-per-encoder", "1000")) == 1
     err = capsys.readouterr().err
-    assert "1 encoder actors need 1 GPU (the cluster has 0)" in err and "this machine's Ray cannot provide it" in err
+    assert "1 encoder actors need 1000 GPU (the cluster has" in err and "this machine's Ray cannot provide it" in err
